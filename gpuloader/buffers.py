@@ -1,0 +1,196 @@
+"""Preallocated batch buffers: the host ring that readers fill and the device staging ring.
+
+NOTE(slot-lifetime): a device batch is a set of views of the first ``b`` rows of one staging
+slot.  With ``R = prefetch_depth + 2`` slots and the copy of batch ``k + 1`` issued when batch
+``k`` is drawn, slot ``k % R`` is rewritten by batch ``k + R``, whose copy is issued when batch
+``k + prefetch_depth + 1`` is drawn.  So a device batch stays valid until ``prefetch_depth + 1``
+more batches have been drawn.  Each rewrite first waits (on the copy stream) for an event the
+consumer's stream recorded when the slot was released, so GPU work queued on the old batch
+finishes before its bytes change.
+
+Set ``GPULOADER_POISON=1`` (or :data:`POISON` = True) to fill every recycled slot with a poison
+value (NaN for floats, the dtype's max for integers, True for bools) before it is reused, so a
+use-after-recycle shows up as garbage instead of silently stale data.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional
+
+import numpy as np
+import torch
+
+from gpuloader.sources.base import FieldSpec
+
+#: Debug switch: poison recycled slots (see module docstring).
+POISON: bool = os.environ.get("GPULOADER_POISON", "") not in ("", "0")
+
+
+def torch_dtype(dtype: np.dtype) -> torch.dtype:
+    """The torch dtype with the same bytes as numpy ``dtype``."""
+    return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+
+
+def allocate(fields: Mapping[str, FieldSpec], rows: int, *, device: torch.device,
+             pin: bool = False) -> Dict[str, torch.Tensor]:
+    """One uninitialised tensor per field with room for ``rows`` samples.
+
+    ``pin`` page-locks host memory so device copies can run asynchronously.  Lifetime: as long
+    as the caller keeps the dict.
+    """
+    return {
+        name: torch.empty((rows, *spec.shape), dtype=torch_dtype(spec.dtype), device=device,
+                          pin_memory=pin and device.type == "cpu")
+        for name, spec in fields.items()
+    }
+
+
+def poison_(tensors: Mapping[str, torch.Tensor]) -> None:
+    """Overwrite ``tensors`` in place with a value no real batch is likely to hold."""
+    for t in tensors.values():
+        if t.dtype.is_floating_point or t.dtype.is_complex:
+            t.fill_(float("nan"))
+        elif t.dtype == torch.bool:
+            t.fill_(True)
+        else:
+            t.fill_(torch.iinfo(t.dtype).max)
+
+
+def numpy_views(tensors: Mapping[str, torch.Tensor], rows: int) -> Dict[str, np.ndarray]:
+    """numpy views of the first ``rows`` rows of host ``tensors`` (no copy)."""
+    return {name: t[:rows].numpy() for name, t in tensors.items()}
+
+
+def row_views(tensors: Mapping[str, torch.Tensor], rows: int) -> Dict[str, torch.Tensor]:
+    """Tensor views of the first ``rows`` rows of ``tensors`` (no copy)."""
+    return {name: t[:rows] for name, t in tensors.items()}
+
+
+@dataclass
+class HostSlot:
+    """One pinned (or pageable) host buffer holding up to ``capacity`` samples.
+
+    ``copied`` is the CUDA event recorded after the last device copy out of this slot; a reader
+    must wait for it before writing the slot again.
+    """
+
+    tensors: Dict[str, torch.Tensor]
+    capacity: int
+    copied: Optional["torch.cuda.Event"] = None
+    used: bool = False
+
+    def prepare_for_write(self) -> None:
+        """Block until the previous device copy out of this slot finished; poison if enabled."""
+        if self.copied is not None:
+            self.copied.synchronize()
+            self.copied = None
+        if self.used and POISON:
+            poison_(self.tensors)
+        self.used = True
+
+
+class HostRing:
+    """``slots`` preallocated host buffers, pinned when ``pin``; handed out round robin."""
+
+    def __init__(self, fields: Mapping[str, FieldSpec], capacity: int, slots: int, *,
+                 pin: bool) -> None:
+        self.slots: List[HostSlot] = [
+            HostSlot(allocate(fields, capacity, device=torch.device("cpu"), pin=pin), capacity)
+            for _ in range(slots)
+        ]
+        self._next = 0
+
+    def take(self) -> HostSlot:
+        """The next slot in ring order (its previous user is done with it by construction)."""
+        slot = self.slots[self._next]
+        self._next = (self._next + 1) % len(self.slots)
+        return slot
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by all slots."""
+        return sum(t.numel() * t.element_size() for s in self.slots for t in s.tensors.values())
+
+
+@dataclass
+class DeviceSlot:
+    """One device staging buffer plus the events that guard it (see NOTE(slot-lifetime))."""
+
+    tensors: Dict[str, torch.Tensor]
+    ready: Optional["torch.cuda.Event"] = None      # copy into this slot finished
+    released: Optional["torch.cuda.Event"] = None   # consumer stream done with the old batch
+    used: bool = False
+    rows: int = 0
+    extra: Dict[str, object] = field(default_factory=dict)
+
+
+class DeviceRing:
+    """Staging slots on a CUDA device fed from host slots on a dedicated copy stream.
+
+    ``reuse=False`` allocates fresh device tensors per batch instead (caller-owned batches).
+    """
+
+    def __init__(self, fields: Mapping[str, FieldSpec], capacity: int, slots: int,
+                 device: torch.device, *, reuse: bool = True) -> None:
+        self.device = device
+        self.fields = dict(fields)
+        self.reuse = reuse
+        self.stream = torch.cuda.Stream(device=device)
+        self.slots: List[DeviceSlot] = (
+            [DeviceSlot(allocate(fields, capacity, device=device)) for _ in range(slots)]
+            if reuse else []
+        )
+        self._next = 0
+
+    def copy_in(self, host: HostSlot, rows: int) -> DeviceSlot:
+        """Issue an asynchronous copy of ``rows`` rows of ``host`` into the next slot.
+
+        Returns the slot; its ``ready`` event fires when the bytes have landed.  The host slot's
+        ``copied`` event is set so readers do not overwrite it too early.
+        """
+        if self.reuse:
+            slot = self.slots[self._next]
+            self._next = (self._next + 1) % len(self.slots)
+        else:
+            slot = DeviceSlot(allocate(self.fields, rows, device=self.device))
+        with torch.cuda.stream(self.stream):
+            if slot.released is not None:
+                self.stream.wait_event(slot.released)
+                slot.released = None
+            if slot.used and POISON:
+                poison_(slot.tensors)
+            for name, src in host.tensors.items():
+                slot.tensors[name][:rows].copy_(src[:rows], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        slot.used = True
+        slot.rows = rows
+        slot.ready = event
+        host.copied = event
+        return slot
+
+    def hand_out(self, slot: DeviceSlot) -> Dict[str, torch.Tensor]:
+        """Make the consumer's current stream wait for ``slot``'s copy; return row views."""
+        current = torch.cuda.current_stream(self.device)
+        if slot.ready is not None:
+            current.wait_event(slot.ready)
+        views = row_views(slot.tensors, slot.rows)
+        if not self.reuse:
+            # Fresh tensors were written on the copy stream; tell the caching allocator that the
+            # consumer's stream uses them so their memory is not recycled under it.
+            for t in views.values():
+                t.record_stream(current)
+        return views
+
+    def release(self, slot: DeviceSlot) -> None:
+        """Record that work queued so far on the consumer stream is all that uses ``slot``."""
+        if self.reuse:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            slot.released = event
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes held by the staging slots."""
+        return sum(t.numel() * t.element_size() for s in self.slots for t in s.tensors.values())

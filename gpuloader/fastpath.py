@@ -1,0 +1,185 @@
+"""The batched-read path for array datasets: one sorted gather per batch, read ahead by threads.
+
+NOTE(cursor): an epoch is an order (positions -> sample indices of this rank's shard) and a
+cursor.  ``position`` counts the samples delivered and not rolled back; batches are consecutive
+spans of the order starting at the cursor.  An out-of-memory rollback rewinds the cursor to the
+start of the failed batch (or of the accumulate step) and drops every batch read ahead, so the
+next batches re-deliver exactly those samples at the new size.  ``state_dict`` saves the cursor,
+which makes resume O(1): the order is recomputed from (seed, epoch, rank, world size).
+
+Within a batch, samples of gpuloader's own orders come sorted by storage index (one coalesced
+read); a user's sampler or batch sampler keeps its exact order.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Deque, Dict, Optional
+
+import numpy as np
+import torch
+
+from gpuloader.buffers import (DeviceRing, DeviceSlot, HostRing, HostSlot, allocate,
+                               numpy_views, row_views)
+from gpuloader.readers import ReaderPool, ReadJob
+from gpuloader.sizing import SizeController
+from gpuloader.sources.base import FieldSpec, Source
+from gpuloader.stats import LoaderStats
+
+
+@dataclass
+class FastResources:
+    """What the fast path reads with, owned by the loader and reused across epochs.
+
+    ``host_ring``/``device_ring`` exist only for CUDA devices; CPU batches get fresh tensors.
+    """
+
+    source: Source
+    fields: Dict[str, FieldSpec]
+    index_map: Optional[np.ndarray]          # positions of a Subset -> base indices
+    pack: Callable[[Dict[str, torch.Tensor]], Any]
+    pool: ReaderPool
+    stats: LoaderStats
+    controller: SizeController
+    prefetch_depth: int
+    device: Optional[torch.device] = None     # None or cpu: batches stay on the host
+    pin: bool = False
+    host_ring: Optional[HostRing] = None
+    device_ring: Optional[DeviceRing] = None
+    sample_nbytes: int = 0
+
+
+@dataclass
+class _Pending:
+    seq: int
+    start: int
+    length: int
+    tensors: Dict[str, torch.Tensor]
+    host: Optional[HostSlot] = None
+    dslot: Optional[DeviceSlot] = None
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+
+class FastEpochIterator:
+    """Iterates one epoch of ``order`` from ``start`` (see NOTE(cursor))."""
+
+    def __init__(self, res: FastResources, epoch: int, order: np.ndarray, start: int, *,
+                 sort: bool, drop_last: bool, boundaries: Optional[np.ndarray] = None) -> None:
+        self.res = res
+        self.epoch = epoch
+        self.order = order
+        self.position = start
+        self.finished = False
+        self.last_start = start
+        self.last_length = 0
+        self._sort = sort
+        self._drop_last = drop_last
+        self._boundaries = boundaries
+        self._planned = start
+        self._pending: Deque[_Pending] = deque()
+        self._handed: Deque[DeviceSlot] = deque()
+        self._seq = 0
+
+    @property
+    def total(self) -> int:
+        """Samples in this epoch's order."""
+        return len(self.order)
+
+    def __iter__(self) -> "FastEpochIterator":
+        return self
+
+    def _next_span(self, pos: int) -> Optional[tuple]:
+        n = len(self.order)
+        if pos >= n:
+            return None
+        size = self.res.controller.current
+        end = min(pos + size, n)
+        if self._boundaries is not None and len(self._boundaries):
+            k = int(np.searchsorted(self._boundaries, pos, side="right"))
+            if k < len(self._boundaries):
+                end = min(end, int(self._boundaries[k]))
+        elif self._drop_last and end - pos < size:
+            return None
+        return pos, end - pos
+
+    def _indices(self, start: int, length: int) -> np.ndarray:
+        idx = self.order[start:start + length]
+        if self.res.index_map is not None:
+            idx = self.res.index_map[idx]
+        if self._sort:
+            idx = np.sort(idx)
+        return np.ascontiguousarray(idx, dtype=np.int64)
+
+    def _submit(self, start: int, length: int) -> None:
+        res = self.res
+        indices = self._indices(start, length)
+        host: Optional[HostSlot] = None
+        before = None
+        if res.host_ring is not None:
+            host = res.host_ring.take()
+            tensors = row_views(host.tensors, length)
+            before = host.prepare_for_write
+        else:
+            tensors = allocate(res.fields, length, device=torch.device("cpu"), pin=res.pin)
+        self._seq += 1
+        entry = _Pending(self._seq, start, length, tensors, host)
+        res.pool.submit(ReadJob(self._seq, indices, numpy_views(tensors, length), before=before))
+        self._pending.append(entry)
+
+    def _fill(self) -> None:
+        while len(self._pending) < self.res.prefetch_depth + 1:
+            span = self._next_span(self._planned)
+            if span is None:
+                return
+            self._submit(*span)
+            self._planned = span[0] + span[1]
+
+    def __next__(self) -> Any:
+        if self.finished:
+            raise StopIteration
+        self._fill()
+        if not self._pending:
+            self.finished = True
+            raise StopIteration
+        entry = self._pending.popleft()
+        started = time.perf_counter()
+        self.res.pool.result(entry.seq)
+        waited = time.perf_counter() - started
+        tensors = self._to_device(entry) if self.res.device_ring is not None else entry.tensors
+        self.position = entry.start + entry.length
+        self.last_start, self.last_length = entry.start, entry.length
+        self._fill()
+        self.res.stats.add_delivery(entry.length, entry.length * self.res.sample_nbytes, waited)
+        return self.res.pack(tensors)
+
+    def _to_device(self, entry: _Pending) -> Dict[str, torch.Tensor]:
+        ring = self.res.device_ring
+        started = time.perf_counter()
+        if entry.dslot is None:
+            entry.dslot = ring.copy_in(entry.host, entry.length)
+        tensors = ring.hand_out(entry.dslot)
+        self._handed.append(entry.dslot)
+        # NOTE(slot-lifetime) in buffers.py: release the slot of the batch drawn
+        # prefetch_depth + 1 draws ago, then start the next copy so it overlaps the step.
+        if len(self._handed) > self.res.prefetch_depth + 1:
+            ring.release(self._handed.popleft())
+        if self._pending and self.res.pool.done(self._pending[0].seq):
+            nxt = self._pending[0]
+            nxt.dslot = ring.copy_in(nxt.host, nxt.length)
+        self.res.stats.add_copy(time.perf_counter() - started)
+        return tensors
+
+    def rewind(self, position: int) -> None:
+        """Drop read-ahead batches and continue from ``position`` (<= the cursor)."""
+        self.res.pool.drain()
+        self._pending.clear()
+        self._planned = position
+        self.position = position
+        self.finished = False
+
+    def close(self) -> None:
+        """Forget read-ahead batches (their reads are waited for, so buffers are quiet)."""
+        self.res.pool.drain()
+        self._pending.clear()
+        self.finished = True

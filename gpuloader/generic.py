@@ -1,0 +1,212 @@
+"""The generic path: any dataset through torch's own machinery, with gpuloader's additions.
+
+torch's samplers, worker processes and collate functions produce the batches; this module adds
+a batch sampler that follows the live batch size, device transfer, telemetry, and rollback.
+
+NOTE(replay): the generic path cannot re-read arbitrary samples cheaply (an IterableDataset has
+no indices at all), so it keeps the CPU batches that a rollback may need — the last batch, or
+every batch of the current ``accumulate`` step — and on rollback re-delivers them split into
+pieces of the new, smaller size.  Nothing is lost or repeated, and memory stays bounded by one
+step.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any, Deque, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+from gpuloader.sizing import SizeController
+
+_LEAF = (str, bytes, int, float, complex, bool, type(None))
+
+
+class OrderSampler(Sampler):
+    """gpuloader's order (seeded, per epoch, sharded by rank) as a torch sampler, for datasets
+    on the generic path; ``epoch`` is set by the loader before each iteration."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[int]:
+        order, _ = self.loader._positions(self.epoch)
+        return iter(order.tolist())
+
+    def __len__(self) -> int:
+        return self.loader._shard_len()
+
+
+class SizedBatchSampler(Sampler):
+    """Groups ``sampler``'s indices into batches of ``controller.current`` samples, read at the
+    moment each batch is formed; the same batches as torch's BatchSampler while the size holds.
+
+    ``skip`` (samples) is consumed by the next iteration only: resume skips what was consumed.
+    """
+
+    def __init__(self, sampler: Any, controller: SizeController, drop_last: bool) -> None:
+        self.sampler = sampler
+        self.controller = controller
+        self.drop_last = drop_last
+        self.skip = 0
+        self.step: Optional[int] = None  # batches end at multiples of step (accumulate)
+
+    def __iter__(self) -> Iterator[List[int]]:
+        skip, self.skip = self.skip, 0
+        batch: List[int] = []
+        for i, index in enumerate(self.sampler):
+            if i < skip:
+                continue
+            batch.append(index)
+            at_step_end = self.step is not None and (i + 1) % self.step == 0
+            if len(batch) >= self.controller.current or at_step_end:
+                yield batch
+                batch = []
+        if batch and not self.drop_last:
+            yield batch
+
+    def __len__(self) -> int:
+        n, size = len(self.sampler), self.controller.current
+        return n // size if self.drop_last else -(-n // size)
+
+
+def _nbytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, np.ndarray):
+        return int(obj.nbytes)
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    if isinstance(obj, (str, bytes)):
+        return len(obj)
+    return 8  # a number or an unknown object: count one word
+
+
+def sample_nbytes_of(dataset: Any) -> int:
+    """Bytes of the first sample of a map-style ``dataset`` (1 for an empty one)."""
+    try:
+        return max(1, _nbytes(dataset[0]))
+    except (IndexError, KeyError, TypeError, NotImplementedError):
+        return 1
+
+
+def batch_length(batch: Any) -> int:
+    """Samples in a collated ``batch``: the first tensor's dim 0, or a leaf list's length."""
+    if isinstance(batch, (torch.Tensor, np.ndarray)):
+        return int(batch.shape[0]) if batch.ndim else 1
+    if isinstance(batch, dict):
+        for value in batch.values():
+            return batch_length(value)
+    if isinstance(batch, (list, tuple)) and batch:
+        if all(isinstance(x, _LEAF) for x in batch):
+            return len(batch)
+        return batch_length(batch[0])
+    return 1
+
+
+def _slice(batch: Any, n: int, lo: int, hi: int) -> Any:
+    if isinstance(batch, (torch.Tensor, np.ndarray)):
+        return batch[lo:hi] if batch.ndim and batch.shape[0] == n else batch
+    if isinstance(batch, dict):
+        return type(batch)((k, _slice(v, n, lo, hi)) for k, v in batch.items())
+    if isinstance(batch, (list, tuple)):
+        if len(batch) == n and all(isinstance(x, _LEAF) for x in batch):
+            return batch[lo:hi]
+        parts = [_slice(x, n, lo, hi) for x in batch]
+        if hasattr(batch, "_fields"):  # namedtuple
+            return type(batch)(*parts)
+        return type(batch)(parts)
+    return batch
+
+
+def split_batch(batch: Any, size: int) -> List[Any]:
+    """``batch`` cut along the sample axis into consecutive pieces of at most ``size``."""
+    n = batch_length(batch)
+    if n <= size:
+        return [batch]
+    return [_slice(batch, n, lo, min(n, lo + size)) for lo in range(0, n, size)]
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Every tensor of ``batch`` moved to ``device`` (asynchronously from pinned memory)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return type(batch)((k, to_device(v, device)) for k, v in batch.items())
+    if isinstance(batch, (list, tuple)) and not all(isinstance(x, _LEAF) for x in batch):
+        parts = [to_device(x, device) for x in batch]
+        return type(batch)(*parts) if hasattr(batch, "_fields") else type(batch)(parts)
+    return batch
+
+
+class GenericEpochIterator:
+    """One epoch of torch's iterator, with positions, telemetry and replay (see NOTE(replay))."""
+
+    def __init__(self, loader: Any, torch_iter: Iterator[Any], epoch: int, start: int) -> None:
+        self.loader = loader
+        self.epoch = epoch
+        self.position = start
+        self.finished = False
+        self.last_start = start
+        self.last_length = 0
+        self.total = 0  # samples in the epoch when known (accumulate needs it)
+        self._it: Optional[Iterator[Any]] = torch_iter
+        self._replay: Deque[Any] = deque()
+        self._kept: Deque[Tuple[int, Any]] = deque()
+
+    def __iter__(self) -> "GenericEpochIterator":
+        return self
+
+    def __next__(self) -> Any:
+        if self.finished:
+            raise StopIteration
+        started = time.perf_counter()
+        if self._replay:
+            batch = self._replay.popleft()
+        else:
+            try:
+                batch = next(self._it)  # type: ignore[arg-type]
+            except StopIteration:
+                self.finished = True
+                self._kept.clear()
+                raise
+        waited = time.perf_counter() - started
+        n = batch_length(batch)
+        keep_from = self.loader._step_start if self.loader._step_start is not None \
+            else self.position
+        while self._kept and self._kept[0][0] < keep_from:
+            self._kept.popleft()
+        self._kept.append((self.position, batch))
+        self.last_start, self.last_length = self.position, n
+        self.position += n
+        device = self.loader.device
+        out = to_device(batch, device) if device is not None and device.type == "cuda" else batch
+        self.loader._stats.add_delivery(n, _nbytes(batch), waited)
+        return out
+
+    def rewind(self, position: int) -> None:
+        """Re-deliver the kept batches from ``position`` on, split to the current size."""
+        size = self.loader._controller.current if self.loader._controller else 1
+        pieces: List[Any] = []
+        kept = [(s, b) for s, b in self._kept if s >= position]
+        for _, batch in kept:
+            pieces.extend(split_batch(batch, size))
+        self._kept = deque((s, b) for s, b in self._kept if s < position)
+        self._replay.extendleft(reversed(pieces))
+        self.position = position
+        self.finished = False
+
+    def close(self) -> None:
+        """Drop this epoch's torch iterator (workers of non-persistent loaders exit)."""
+        self.finished = True
+        self._replay.clear()
+        self._kept.clear()
+        it, self._it = self._it, None
+        if it is not None and hasattr(it, "_shutdown_workers") and \
+                not self.loader.persistent_workers:
+            it._shutdown_workers()

@@ -1,0 +1,98 @@
+"""The live batch size: shrink on out-of-memory, grow back after a cooldown, without thrashing.
+
+NOTE(grow-back): after an out-of-memory error at size ``f`` the size drops to at most ``f // 2``
+(or lower if the learned cost model says so) and ``f`` is remembered as a known-bad size.  After
+``cooldown`` successful steps (16 at first) the size tries to grow, doubling towards the target but
+staying below the known-bad size (bisecting towards it); each failed growth attempt doubles the
+cooldown.  The known-bad size is forgotten when the memory probe reports more free memory than at
+the failure, so the size can return to the target once memory frees.  Sizes >= 8 stay multiples
+of 8.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+INITIAL_COOLDOWN = 16
+
+
+def round_size(size: int, floor: int) -> int:
+    """``size`` rounded down to a multiple of 8 when >= 8, and at least ``floor``."""
+    if size >= 8:
+        size -= size % 8
+    return max(floor, size)
+
+
+class SizeController:
+    """Holds the current batch size between ``floor`` and ``target`` (both in samples).
+
+    ``free_bytes`` is called (rarely: only around out-of-memory events) to tell whether memory
+    has been freed since the last failure.  Lifetime: one per loader, across epochs.
+    """
+
+    def __init__(self, target: int, *, floor: int = 1,
+                 free_bytes: Optional[Callable[[], int]] = None) -> None:
+        self.target = target
+        self.floor = min(floor, target)
+        self.current = target
+        self.cooldown = INITIAL_COOLDOWN
+        self.oom_count = 0
+        self._successes = 0
+        self._bad: Optional[int] = None
+        self._free_at_failure = 0
+        self._growing_from: Optional[int] = None
+        self._free_bytes = free_bytes
+
+    def set_target(self, target: int) -> None:
+        """Change the size the controller grows towards (e.g. a new plan from free memory)."""
+        self.target = max(self.floor, target)
+        self.current = min(self.current, self.target)
+
+    def on_oom(self, failed: int, predicted: Optional[int] = None) -> int:
+        """Record an out-of-memory error at batch size ``failed``; return the new, smaller size.
+
+        Raises ``ValueError`` when ``failed`` is already the floor: nothing smaller can be tried.
+        """
+        if failed <= self.floor:
+            raise ValueError(f"a batch of {failed} sample(s) (min_batch_size={self.floor}) "
+                             "does not fit in memory")
+        self.oom_count += 1
+        if self._growing_from is not None:
+            self.cooldown *= 2  # a growth attempt failed: wait longer before the next one
+        self._growing_from = None
+        new = failed // 2
+        if predicted is not None and predicted >= self.floor:
+            new = min(new, predicted)
+        self.current = round_size(max(self.floor, new), self.floor)
+        self._bad = failed if self._bad is None else min(self._bad, failed)
+        self._free_at_failure = self._free_bytes() if self._free_bytes else 0
+        self._successes = 0
+        return self.current
+
+    def on_success(self) -> int:
+        """Record a successful step; maybe grow.  Returns the size for the next batches."""
+        self._successes += 1
+        self._growing_from = None if self._successes > 1 else self._growing_from
+        if self.current >= self.target or self._successes < self.cooldown:
+            return self.current
+        if self._bad is not None and self._free_bytes is not None:
+            if self._free_bytes() > self._free_at_failure * 1.25:
+                self._bad = None  # memory was freed: the old failure no longer predicts
+        candidate = min(self.target, self.current * 2)
+        if self._bad is not None and candidate >= self._bad:
+            candidate = (self.current + self._bad) // 2
+        candidate = round_size(candidate, self.floor)
+        if candidate > self.current:
+            self._growing_from = self.current
+            self.current = candidate
+        self._successes = 0
+        return self.current
+
+    def state_dict(self) -> dict:
+        """Plain-data state (the current size and cooldown) for checkpoints."""
+        return {"current": self.current, "cooldown": self.cooldown, "oom_count": self.oom_count}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` output, clamped to this controller's bounds."""
+        self.current = max(self.floor, min(self.target, int(state.get("current", self.current))))
+        self.cooldown = int(state.get("cooldown", self.cooldown))
+        self.oom_count = int(state.get("oom_count", self.oom_count))

@@ -1,0 +1,81 @@
+"""Per-stage timings of a loader: cheap counters that stay on.
+
+All times are seconds of wall clock measured with ``time.perf_counter``; byte counts are the
+bytes of the delivered batches (all fields).  Reader time is summed over reader threads, so it
+can exceed the elapsed time when several threads read at once.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Dict, List
+
+
+class LoaderStats:
+    """Counters for one loader, shared by the consumer and its reader threads.
+
+    Lifetime: one per loader; :meth:`reset` starts a new measurement window (each epoch's first
+    batch does not reset it — call it yourself to time one epoch).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero every counter and restart the elapsed clock."""
+        with self._lock:
+            self.samples = 0
+            self.batches = 0
+            self.bytes = 0
+            self.wait_s = 0.0
+            self.read_s = 0.0
+            self.copy_s = 0.0
+            self.oom_count = 0
+            self.rolled_back_samples = 0
+            self.batch_sizes: List[int] = []
+            self._started = time.perf_counter()
+
+    def add_read(self, seconds: float) -> None:
+        """A reader spent ``seconds`` gathering one batch (called from reader threads)."""
+        with self._lock:
+            self.read_s += seconds
+
+    def add_copy(self, seconds: float) -> None:
+        """The consumer spent ``seconds`` issuing or waiting for a device copy."""
+        self.copy_s += seconds
+
+    def add_delivery(self, samples: int, nbytes: int, waited_s: float) -> None:
+        """A batch of ``samples`` rows (``nbytes`` bytes) was handed out after ``waited_s``."""
+        self.samples += samples
+        self.batches += 1
+        self.bytes += nbytes
+        self.wait_s += waited_s
+        # History of distinct sizes in the order they were used: a run of equal batches adds one
+        # entry, so the list stays short however long the run.
+        if not self.batch_sizes or self.batch_sizes[-1] != samples:
+            self.batch_sizes.append(samples)
+
+    def add_rollback(self, samples: int) -> None:
+        """``samples`` delivered rows were rolled back by an out-of-memory retry."""
+        self.oom_count += 1
+        self.rolled_back_samples += samples
+
+    def snapshot(self) -> Dict[str, object]:
+        """A plain dict of every counter plus derived rates (safe to JSON-encode)."""
+        elapsed = max(time.perf_counter() - self._started, 1e-9)
+        return {
+            "samples": self.samples,
+            "batches": self.batches,
+            "bytes": self.bytes,
+            "elapsed_s": elapsed,
+            "wait_s": self.wait_s,
+            "read_s": self.read_s,
+            "copy_s": self.copy_s,
+            "stall_fraction": min(1.0, self.wait_s / elapsed),
+            "samples_per_s": self.samples / elapsed,
+            "gb_per_s": self.bytes / elapsed / 1e9,
+            "batch_sizes": list(self.batch_sizes),
+            "oom_count": self.oom_count,
+            "rolled_back_samples": self.rolled_back_samples,
+        }
