@@ -72,7 +72,7 @@ class OomGuard:
             return False  # any other exception passes through untouched
         if not self.loader.world.any(oom):
             self._learn_cost()
-            self.loader._step_succeeded()
+            self.loader._step_succeeded(self._batch_length)
             return False
         if exc is not None:
             # A live traceback pins the failed step's tensors: clear its finished frames before

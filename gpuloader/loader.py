@@ -225,7 +225,9 @@ class DataLoader(tud.DataLoader[T_co]):
         order = epoch_order(self.order, n, seed=self.seed, epoch=epoch, rank=self.world.rank,
                             world_size=self.world.world_size, block_length=block,
                             drop_last=self.drop_last)
-        return order, True
+        # Random orders are sorted within each batch (one coalesced read); the sequential order
+        # keeps the dataset's own order, so a Subset's batches equal torch's.
+        return order, self.order != "sequential"
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next iteration run ``epoch`` (its order depends on it, as with
@@ -412,10 +414,10 @@ class DataLoader(tud.DataLoader[T_co]):
         self._stats.add_rollback(active.position - rewind_to)
         active.rewind(rewind_to)
 
-    def _step_succeeded(self) -> None:
-        """A guarded step finished: let the size grow back after its cooldown."""
+    def _step_succeeded(self, size: int) -> None:
+        """A guarded step of ``size`` samples finished: the size may grow after a cooldown."""
         if self._controller is not None:
-            self._controller.on_success()
+            self._controller.on_success(size)
 
     def oom_guard(self, optimizer: Optional[torch.optim.Optimizer] = None) -> "adaptive.OomGuard":
         """Context manager around one training step: on out-of-memory, free memory, zero the

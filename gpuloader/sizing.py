@@ -3,9 +3,10 @@
 NOTE(grow-back): after an out-of-memory error at size ``f`` the size drops to at most ``f // 2``
 (or lower if the learned cost model says so) and ``f`` is remembered as a known-bad size.  After
 ``cooldown`` successful steps (16 at first) the size tries to grow, doubling towards the target but
-staying below the known-bad size (bisecting towards it); each failed growth attempt doubles the
-cooldown.  The known-bad size is forgotten when the memory probe reports more free memory than at
-the failure, so the size can return to the target once memory frees.  Sizes >= 8 stay multiples
+staying below the known-bad size (bisecting towards it, then retrying it); each failed growth
+attempt doubles the cooldown, so attempts get rarer and cannot thrash.  The known-bad size is forgotten when the memory probe reports more free memory than at
+the failure, so the size can return to the target once memory frees.  A failed growth attempt
+returns to the last size that worked rather than halving.  Sizes >= 8 stay multiples
 of 8.
 """
 from __future__ import annotations
@@ -56,10 +57,12 @@ class SizeController:
             raise ValueError(f"a batch of {failed} sample(s) (min_batch_size={self.floor}) "
                              "does not fit in memory")
         self.oom_count += 1
-        if self._growing_from is not None:
-            self.cooldown *= 2  # a growth attempt failed: wait longer before the next one
-        self._growing_from = None
         new = failed // 2
+        if self._growing_from is not None and failed > self._growing_from:
+            # A growth attempt failed: go back to the size that worked and wait longer.
+            self.cooldown *= 2
+            new = self._growing_from
+        self._growing_from = None
         if predicted is not None and predicted >= self.floor:
             new = min(new, predicted)
         self.current = round_size(max(self.floor, new), self.floor)
@@ -68,10 +71,12 @@ class SizeController:
         self._successes = 0
         return self.current
 
-    def on_success(self) -> int:
-        """Record a successful step; maybe grow.  Returns the size for the next batches."""
+    def on_success(self, size: int) -> int:
+        """Record a successful step of ``size`` samples; maybe grow.  Returns the size for the
+        next batches."""
         self._successes += 1
-        self._growing_from = None if self._successes > 1 else self._growing_from
+        if self._growing_from is not None and size > self._growing_from:
+            self._growing_from = None  # the grown size has worked once: the attempt succeeded
         if self.current >= self.target or self._successes < self.cooldown:
             return self.current
         if self._bad is not None and self._free_bytes is not None:
@@ -79,7 +84,9 @@ class SizeController:
                 self._bad = None  # memory was freed: the old failure no longer predicts
         candidate = min(self.target, self.current * 2)
         if self._bad is not None and candidate >= self._bad:
-            candidate = (self.current + self._bad) // 2
+            candidate = round_size((self.current + self._bad) // 2, self.floor)
+            if candidate <= self.current:  # bisection is exhausted: retry the failed size
+                candidate, self._bad = min(self.target, self._bad), None
         candidate = round_size(candidate, self.floor)
         if candidate > self.current:
             self._growing_from = self.current

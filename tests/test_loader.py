@@ -1,0 +1,271 @@
+"""The fast path's invariants: exactly once, determinism, resume, shutdown, clear errors."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gpuloader as gl
+from gpuloader.errors import ArgumentError, ArgumentTypeError, DeviceError
+
+N = 517  # not a multiple of any batch size used below, so tails are exercised
+
+
+def make_dataset(n: int = N) -> gl.ArrayDataset:
+    x = np.arange(n * 3, dtype=np.float32).reshape(n, 3)
+    return gl.ArrayDataset(x=x, y=np.arange(n, dtype=np.int64))
+
+
+def delivered(loader) -> list:
+    return [int(i) for batch in loader for i in batch["y"]]
+
+
+def reader_threads() -> list:
+    return [t for t in threading.enumerate() if t.name.startswith("gpuloader-reader")]
+
+
+@pytest.mark.parametrize("order", ["sequential", "shuffle", "block"])
+@pytest.mark.parametrize("batch_size", [1, 7, 64, N + 10])
+def test_every_index_exactly_once_per_epoch(order, batch_size):
+    with gl.DataLoader(make_dataset(), batch_size=batch_size, order=order, seed=3) as loader:
+        for _ in range(2):
+            assert sorted(delivered(loader)) == list(range(N))
+
+
+def test_rows_match_their_index():
+    ds = make_dataset()
+    with gl.DataLoader(ds, batch_size=50, shuffle=True, seed=0) as loader:
+        for batch in loader:
+            expected = torch.from_numpy(np.arange(N * 3, dtype=np.float32).reshape(N, 3))
+            assert torch.equal(batch["x"], expected[batch["y"]])
+
+
+def test_batches_are_sorted_within_a_batch_for_own_orders():
+    with gl.DataLoader(make_dataset(), batch_size=32, shuffle=True, seed=1) as loader:
+        for batch in loader:
+            assert torch.all(batch["y"][1:] > batch["y"][:-1])
+
+
+def test_drop_last_drops_only_the_short_tail():
+    with gl.DataLoader(make_dataset(), batch_size=50, shuffle=True, seed=1,
+                       drop_last=True) as loader:
+        sizes = [len(b["y"]) for b in loader]
+        assert sizes == [50] * (N // 50) and len(loader) == N // 50
+
+
+def test_same_seed_same_order_different_epochs_differ():
+    def epochs(seed):
+        with gl.DataLoader(make_dataset(), batch_size=64, shuffle=True, seed=seed) as loader:
+            return [delivered(loader) for _ in range(2)]
+
+    a, b = epochs(5), epochs(5)
+    assert a == b
+    assert a[0] != a[1]
+    assert epochs(6)[0] != a[0]
+
+
+def test_generator_fixes_the_seed():
+    orders = []
+    for _ in range(2):
+        g = torch.Generator().manual_seed(11)
+        with gl.DataLoader(make_dataset(), batch_size=64, shuffle=True, generator=g) as loader:
+            orders.append(delivered(loader))
+    assert orders[0] == orders[1]
+
+
+def test_set_epoch_selects_the_order():
+    with gl.DataLoader(make_dataset(), batch_size=64, shuffle=True, seed=2) as loader:
+        first = delivered(loader)
+        loader.set_epoch(0)
+        assert delivered(loader) == first
+
+
+def test_positional_batches_are_lists_like_default_collate():
+    ds = gl.ArrayDataset(np.arange(10.0), np.arange(10))
+    with gl.DataLoader(ds, batch_size=4) as loader:
+        batch = next(iter(loader))
+    reference = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
+    assert isinstance(batch, list) and len(batch) == 2
+    for ours, theirs in zip(batch, reference):
+        assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
+
+
+@settings(max_examples=30, deadline=None)
+@given(order=st.sampled_from(["sequential", "shuffle", "block"]),
+       batch_size=st.integers(1, 80), stop_after=st.integers(0, 20), seed=st.integers(0, 99))
+def test_resume_delivers_exactly_the_rest(order, batch_size, stop_after, seed):
+    ds = make_dataset(300)
+    stop_after = min(stop_after, -(-300 // batch_size) - 1)  # break inside the epoch
+    first = []
+    with gl.DataLoader(ds, batch_size=batch_size, order=order, seed=seed) as loader:
+        for i, batch in enumerate(loader):
+            first.extend(batch["y"].tolist())  # a delivered batch counts as consumed
+            if i == stop_after:
+                break
+        state = loader.state_dict()
+    assert state["position"] == len(first)
+    with gl.DataLoader(ds, batch_size=batch_size, order=order) as resumed:
+        resumed.load_state_dict(state)
+        rest = delivered(resumed)
+    with gl.DataLoader(ds, batch_size=batch_size, order=order, seed=seed) as uninterrupted:
+        assert first + rest == delivered(uninterrupted)
+
+
+def test_state_after_a_full_epoch_points_at_the_next_epoch():
+    with gl.DataLoader(make_dataset(), batch_size=64, shuffle=True, seed=0) as loader:
+        delivered(loader)
+        state = loader.state_dict()
+    assert (state["epoch"], state["position"]) == (1, 0)
+
+
+def test_state_does_not_count_read_ahead_batches():
+    with gl.DataLoader(make_dataset(), batch_size=10, prefetch_depth=4, seed=0) as loader:
+        it = iter(loader)
+        next(it)
+        next(it)
+        assert loader.state_dict()["position"] == 20
+
+
+def test_load_state_refuses_another_world_size():
+    with gl.DataLoader(make_dataset(), batch_size=10) as loader:
+        state = dict(loader.state_dict(), world_size=4)
+        with pytest.raises(ArgumentError, match="world_size=4"):
+            loader.load_state_dict(state)
+
+
+def test_close_stops_reader_threads_and_is_idempotent():
+    loader = gl.DataLoader(make_dataset(), batch_size=8, reader_threads=3)
+    next(iter(loader))
+    assert len(reader_threads()) >= 3
+    loader.close()
+    loader.close()
+    assert reader_threads() == []
+    with pytest.raises(RuntimeError, match="closed"):
+        iter(loader)
+
+
+def test_break_then_with_exit_leaves_no_thread():
+    with gl.DataLoader(make_dataset(), batch_size=8) as loader:
+        for _ in loader:
+            break
+    assert reader_threads() == []
+
+
+def test_garbage_collection_stops_threads():
+    import gc
+
+    loader = gl.DataLoader(make_dataset(), batch_size=8)
+    next(iter(loader))
+    del loader
+    gc.collect()
+    assert reader_threads() == []
+
+
+class ExplodingSource:
+    """Wraps a source; reading index 13 raises OSError."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.fields = inner.fields
+        self.chunk_length = inner.chunk_length
+
+    def __len__(self):
+        return len(self.inner)
+
+    def read_into(self, indices, out):
+        if 13 in indices:
+            raise OSError("disk on fire")
+        self.inner.read_into(indices, out)
+
+    def close(self):
+        self.inner.close()
+
+
+def test_reader_errors_reach_the_consumer_with_type_and_indices():
+    ds = gl.ArrayDataset.from_source(ExplodingSource(make_dataset().source))
+    with gl.DataLoader(ds, batch_size=10) as loader:
+        with pytest.raises(OSError, match="disk on fire") as info:
+            delivered(loader)
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "10, 11, 12, 13" in notes and "reader thread" in notes
+
+
+def test_stats_count_what_was_delivered():
+    with gl.DataLoader(make_dataset(), batch_size=100) as loader:
+        delivered(loader)
+        stats = loader.stats()
+    assert stats["samples"] == N and stats["batches"] == 6
+    assert stats["bytes"] == N * (3 * 4 + 8)
+    assert 0.0 <= stats["stall_fraction"] <= 1.0
+    assert stats["batch_sizes"] == [100, N % 100]
+    for key in ("wait_s", "read_s", "copy_s", "elapsed_s", "samples_per_s", "gb_per_s"):
+        assert stats[key] >= 0
+
+
+def test_auto_batch_size_respects_budget_and_dataset():
+    ds = make_dataset()
+    per_sample = 3 * 4 + 8
+    with gl.DataLoader(ds, batch_size="auto", memory_budget=per_sample * 4 * 100,
+                       prefetch_depth=2) as loader:
+        # ring of prefetch_depth + 2 = 4 slots; 80% of the budget: 80 samples
+        assert loader.batch_size == 80
+        assert all(len(b["y"]) <= 80 for b in loader)
+    with gl.DataLoader(ds, batch_size="auto") as loader:
+        assert loader.batch_size == N  # never more than the dataset
+
+
+def test_auto_batch_size_is_an_int_property():
+    with gl.DataLoader(make_dataset(), batch_size="auto", max_batch_size=16) as loader:
+        assert isinstance(loader.batch_size, int) and loader.batch_size == 16
+        assert len(loader) == -(-N // 16)
+
+
+def test_subset_and_tensordataset_take_the_fast_path():
+    base = torch.utils.data.TensorDataset(torch.arange(50.0), torch.arange(50))
+    subset = torch.utils.data.Subset(base, list(range(49, -1, -2)))
+    with gl.DataLoader(subset, batch_size=5) as loader:
+        assert loader._view is not None
+        ours = [b[1].tolist() for b in loader]
+    theirs = [b[1].tolist() for b in torch.utils.data.DataLoader(subset, batch_size=5)]
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"batch_size": 0}, ArgumentError, "batch_size must be a positive int"),
+    ({"batch_size": "big"}, ArgumentTypeError, "batch_size must be"),
+    ({"order": "random"}, ArgumentError, "order"),
+    ({"shuffle": True, "order": "sequential"}, ArgumentError, "contradicts shuffle=True"),
+    ({"prefetch_depth": -1}, ArgumentError, "prefetch_depth must be an int >= 0; got -1"),
+    ({"reader_threads": 0}, ArgumentError, "reader_threads must be a positive int"),
+    ({"memory_fraction": 1.5}, ArgumentError, "memory_fraction"),
+    ({"memory_budget": -5}, ArgumentError, "memory_budget"),
+    ({"min_batch_size": 8, "max_batch_size": 4}, ArgumentError, "max_batch_size"),
+    ({"device": "tpu"}, DeviceError, "device must be"),
+    ({"prefetch_factor": 2}, ValueError, "prefetch_factor"),
+])
+def test_bad_arguments_name_the_argument_and_value(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        gl.DataLoader(make_dataset(), **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_cuda_device_without_cuda_is_a_clear_error():
+    with pytest.raises(DeviceError, match="CUDA is not available"):
+        gl.DataLoader(make_dataset(), device="cuda:0")
+
+
+def test_device_auto_falls_back_to_cpu_without_cuda():
+    with gl.DataLoader(make_dataset(), batch_size=10, device="auto") as loader:
+        batch = next(iter(loader))
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert batch["x"].device.type == expected
+
+
+def test_cpu_batches_are_the_callers_to_keep():
+    with gl.DataLoader(make_dataset(), batch_size=10, device="cpu") as loader:
+        batches = list(loader)
+    assert torch.equal(torch.cat([b["y"] for b in batches]), torch.arange(N))
