@@ -1,0 +1,115 @@
+"""CUDA paths: device staging ring, batch lifetime, poison, real out-of-memory recovery.
+
+Run on a GPU machine (benchmarks/gpu_check.sh); skipped without CUDA.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import gpuloader as gl
+from gpuloader import buffers
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+N = 2000
+
+
+def make_dataset(n: int = N, width: int = 64) -> gl.ArrayDataset:
+    x = np.arange(n * width, dtype=np.float32).reshape(n, width)
+    return gl.ArrayDataset(x=x, y=np.arange(n, dtype=np.int64))
+
+
+def test_device_batches_hold_the_right_rows_exactly_once():
+    ds = make_dataset()
+    full = torch.from_numpy(np.arange(N * 64, dtype=np.float32).reshape(N, 64)).cuda()
+    seen = []
+    with gl.DataLoader(ds, batch_size=128, shuffle=True, seed=0, device="cuda") as loader:
+        for batch in loader:
+            assert batch["x"].is_cuda and batch["y"].is_cuda
+            assert torch.equal(batch["x"], full[batch["y"]])
+            seen.extend(batch["y"].tolist())
+    assert sorted(seen) == list(range(N))
+
+
+def test_steady_state_allocates_nothing_on_the_device():
+    ds = make_dataset()
+    with gl.DataLoader(ds, batch_size=100, device="cuda", prefetch_depth=2) as loader:
+        it = iter(loader)
+        for _ in range(4):  # warm-up: staging ring allocated
+            next(it)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_stats()["allocation.all.allocated"]
+        for _ in range(10):
+            next(it)
+        torch.cuda.synchronize()
+        after = torch.cuda.memory_stats()["allocation.all.allocated"]
+    assert after == before
+
+
+def test_device_batch_stays_valid_for_prefetch_depth_plus_one_draws():
+    depth = 2
+    with gl.DataLoader(make_dataset(), batch_size=50, device="cuda",
+                       prefetch_depth=depth) as loader:
+        it = iter(loader)
+        first = next(it)
+        expected = first["y"].clone()
+        for _ in range(depth + 1):
+            next(it)
+        torch.cuda.synchronize()
+        assert torch.equal(first["y"], expected)
+
+
+def test_poison_reveals_use_after_recycle(monkeypatch):
+    monkeypatch.setattr(buffers, "POISON", True)
+    depth = 1
+    with gl.DataLoader(make_dataset(), batch_size=50, device="cuda",
+                       prefetch_depth=depth) as loader:
+        it = iter(loader)
+        first = next(it)
+        for _ in range(depth + 3):  # well past the lifetime: the slot was recycled
+            next(it)
+        torch.cuda.synchronize()
+        assert not torch.equal(first["y"], torch.arange(50, device="cuda"))
+
+
+def test_reuse_buffers_false_gives_caller_owned_batches():
+    with gl.DataLoader(make_dataset(), batch_size=100, device="cuda",
+                       reuse_buffers=False) as loader:
+        batches = list(loader)
+    torch.cuda.synchronize()
+    assert torch.equal(torch.cat([b["y"] for b in batches]).cpu(), torch.arange(N))
+
+
+def test_memory_info_reports_the_device():
+    info = gl.memory_info("cuda:0")
+    assert 0 < info.free <= info.total
+
+
+def test_real_out_of_memory_is_survived_with_nothing_lost():
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    width = 1024
+    n = 4096
+    ds = gl.ArrayDataset(x=np.ones((n, width), dtype=np.float32), y=np.arange(n))
+    # Allow this process ~1 GiB; a step allocates 2 MiB x batch of activations, so batches of
+    # 1024 (2 GiB) fail and the loader must shrink to survive.
+    torch.cuda.set_per_process_memory_fraction(min(1.0, (1 << 30) / total), 0)
+    try:
+        seen = []
+        with gl.DataLoader(ds, batch_size=1024, device="cuda", seed=0, shuffle=True) as loader:
+            for batch in loader:
+                with loader.oom_guard() as guard:
+                    activations = batch["x"].repeat(1, 512)  # 2 MiB per sample
+                    activations.sum().item()
+                    del activations
+                if not guard.failed:
+                    seen.extend(batch["y"].tolist())
+            assert loader.stats()["oom_count"] >= 1
+            assert loader.batch_size < 1024
+        assert sorted(seen) == list(range(n))
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, 0)
+        torch.cuda.empty_cache()
