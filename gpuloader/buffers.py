@@ -14,6 +14,7 @@ use-after-recycle shows up as garbage instead of silently stale data.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional
@@ -27,8 +28,9 @@ from gpuloader.sources.base import FieldSpec
 POISON: bool = os.environ.get("GPULOADER_POISON", "") not in ("", "0")
 
 
+@functools.lru_cache(maxsize=None)
 def torch_dtype(dtype: np.dtype) -> torch.dtype:
-    """The torch dtype with the same bytes as numpy ``dtype``."""
+    """The torch dtype with the same bytes as numpy ``dtype`` (cached: called per batch)."""
     return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
 
 

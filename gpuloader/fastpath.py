@@ -27,6 +27,10 @@ from gpuloader.sizing import SizeController
 from gpuloader.sources.base import FieldSpec, Source
 from gpuloader.stats import LoaderStats
 
+_CPU = torch.device("cpu")
+#: Batches below this many bytes are read inline by the consumer (NOTE(inline-reads)).
+INLINE_BATCH_BYTES = 64 << 10
+
 
 @dataclass
 class FastResources:
@@ -39,7 +43,7 @@ class FastResources:
     fields: Dict[str, FieldSpec]
     index_map: Optional[np.ndarray]          # positions of a Subset -> base indices
     pack: Callable[[Dict[str, torch.Tensor]], Any]
-    pool: ReaderPool
+    pool: Optional[ReaderPool]              # None when reads are inline
     stats: LoaderStats
     controller: SizeController
     prefetch_depth: int
@@ -48,6 +52,7 @@ class FastResources:
     host_ring: Optional[HostRing] = None
     device_ring: Optional[DeviceRing] = None
     sample_nbytes: int = 0
+    inline: bool = False  # NOTE(inline-reads): read in the consumer, no reader threads
 
 
 @dataclass
@@ -121,7 +126,7 @@ class FastEpochIterator:
             tensors = row_views(host.tensors, length)
             before = host.prepare_for_write
         else:
-            tensors = allocate(res.fields, length, device=torch.device("cpu"), pin=res.pin)
+            tensors = allocate(res.fields, length, device=_CPU, pin=res.pin)
         self._seq += 1
         entry = _Pending(self._seq, start, length, tensors, host)
         res.pool.submit(ReadJob(self._seq, indices, numpy_views(tensors, length), before=before))
@@ -138,6 +143,8 @@ class FastEpochIterator:
     def __next__(self) -> Any:
         if self.finished:
             raise StopIteration
+        if self.res.inline:
+            return self._next_inline()
         self._fill()
         if not self._pending:
             self.finished = True
@@ -152,6 +159,24 @@ class FastEpochIterator:
         self._fill()
         self.res.stats.add_delivery(entry.length, entry.length * self.res.sample_nbytes, waited)
         return self.res.pack(tensors)
+
+    def _next_inline(self) -> Any:
+        """NOTE(inline-reads): batches of a few KB cost less to gather here than to hand to a
+        thread and wait for (queue, condition, wake-up); only CPU batches take this path."""
+        res = self.res
+        span = self._next_span(self.position)
+        if span is None:
+            self.finished = True
+            raise StopIteration
+        start, length = span
+        started = time.perf_counter()
+        tensors = allocate(res.fields, length, device=_CPU, pin=res.pin)
+        res.source.read_into(self._indices(start, length), numpy_views(tensors, length))
+        res.stats.add_read(time.perf_counter() - started)
+        self.position = start + length
+        self.last_start, self.last_length = start, length
+        res.stats.add_delivery(length, length * res.sample_nbytes, 0.0)
+        return res.pack(tensors)
 
     def _to_device(self, entry: _Pending) -> Dict[str, torch.Tensor]:
         ring = self.res.device_ring
@@ -172,7 +197,8 @@ class FastEpochIterator:
 
     def rewind(self, position: int) -> None:
         """Drop read-ahead batches and continue from ``position`` (<= the cursor)."""
-        self.res.pool.drain()
+        if self.res.pool is not None:
+            self.res.pool.drain()
         self._pending.clear()
         self._planned = position
         self.position = position
@@ -180,6 +206,7 @@ class FastEpochIterator:
 
     def close(self) -> None:
         """Forget read-ahead batches (their reads are waited for, so buffers are quiet)."""
-        self.res.pool.drain()
+        if self.res.pool is not None:
+            self.res.pool.drain()
         self._pending.clear()
         self.finished = True

@@ -24,7 +24,7 @@ from gpuloader import adaptive
 from gpuloader.buffers import DeviceRing, HostRing
 from gpuloader.devices import DeviceArg, resolve_device
 from gpuloader.errors import ArgumentError, ArgumentTypeError, describe
-from gpuloader.fastpath import FastEpochIterator, FastResources
+from gpuloader.fastpath import INLINE_BATCH_BYTES, FastEpochIterator, FastResources
 from gpuloader.generic import (GenericEpochIterator, OrderSampler, SizedBatchSampler,
                                sample_nbytes_of)
 from gpuloader.memory import (CostModel, SizerConfig, plan_batch_size, probe_for,
@@ -152,6 +152,10 @@ class DataLoader(tud.DataLoader[T_co]):
         # path otherwise leaves torch's sampler (and its use of torch's RNG) untouched.
         own_order = self._view is not None or seed is not None or order is not None or distributed
         self.seed: Optional[int] = resolve_seed(seed, generator) if own_order else None
+        if seed is None and self.seed is not None and self.world.use_collectives:
+            # Every rank must shard the same order, but a drawn seed comes from each rank's own
+            # RNG (often seeded per rank): agree on one (a single collective, at construction).
+            self.seed = self.world.min(self.seed)
         if own_order and self._view is None and sampler is None and batch_sampler is None:
             object.__setattr__(self, "sampler", OrderSampler(self))
         self._controller = self._make_controller(batch_size)
@@ -188,8 +192,14 @@ class DataLoader(tud.DataLoader[T_co]):
         if batch_size is None or isinstance(self.dataset, tud.IterableDataset):
             return None
         target = self.plan_batch_size() if batch_size == "auto" else int(batch_size)
+        agree = self._agree_size if self.world.use_collectives else None
         return SizeController(target, floor=min(self.min_batch_size, target),
-                              free_bytes=self._free_bytes)
+                              free_bytes=self._free_bytes, agree=agree)
+
+    def _agree_size(self, size: int) -> int:
+        """The smallest ``size`` over ranks (a collective; NOTE(agreed-growth) in sizing.py).
+        Looks ``self.world`` up at call time, so a World built directly in tests is used."""
+        return self.world.min(size)
 
     def _swap_batch_sampler(self, batch_sampler: Any) -> None:
         # torch forbids setting batch_sampler after __init__; this replacement keeps its
@@ -302,9 +312,11 @@ class DataLoader(tud.DataLoader[T_co]):
             return self._resources
         view = self._view
         assert view is not None and self._controller is not None
-        self._pool = ReaderPool(view.source, self.reader_threads, self._stats)
         cuda = self.device is not None and self.device.type == "cuda"
         capacity = self._controller.target
+        inline = not cuda and capacity * view.sample_nbytes <= INLINE_BATCH_BYTES
+        if not inline:
+            self._pool = ReaderPool(view.source, self.reader_threads, self._stats)
         host_ring = device_ring = None
         if cuda:
             host_ring = HostRing(view.fields, capacity, self.prefetch_depth + 2, pin=True)
@@ -316,7 +328,7 @@ class DataLoader(tud.DataLoader[T_co]):
             pack=self._packer(), pool=self._pool, stats=self._stats,
             controller=self._controller, prefetch_depth=self.prefetch_depth, device=self.device,
             pin=pin, host_ring=host_ring, device_ring=device_ring,
-            sample_nbytes=view.sample_nbytes)
+            sample_nbytes=view.sample_nbytes, inline=inline)
         return self._resources
 
     def _packer(self) -> Any:
