@@ -22,7 +22,7 @@ import torch
 
 from gpuloader.buffers import (DeviceRing, DeviceSlot, HostRing, HostSlot, allocate,
                                numpy_views, row_views)
-from gpuloader.readers import ReaderPool, ReadJob
+from gpuloader.readers import ReaderPool, ReadJob, describe_indices
 from gpuloader.sizing import SizeController
 from gpuloader.sources.base import FieldSpec, Source
 from gpuloader.stats import LoaderStats
@@ -171,7 +171,13 @@ class FastEpochIterator:
         start, length = span
         started = time.perf_counter()
         tensors = allocate(res.fields, length, device=_CPU, pin=res.pin)
-        res.source.read_into(self._indices(start, length), numpy_views(tensors, length))
+        indices = self._indices(start, length)
+        try:
+            res.source.read_into(indices, numpy_views(tensors, length))
+        except Exception as exc:
+            exc.add_note(f"gpuloader: raised while reading sample indices "
+                         f"{describe_indices(indices)}")
+            raise
         res.stats.add_read(time.perf_counter() - started)
         self.position = start + length
         self.last_start, self.last_length = start, length

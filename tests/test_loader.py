@@ -24,6 +24,11 @@ def delivered(loader) -> list:
     return [int(i) for batch in loader for i in batch["y"]]
 
 
+def wide_dataset(n: int = 64) -> gl.ArrayDataset:
+    """Rows of 16 KiB: batches of 8 are big enough for reader threads (not read inline)."""
+    return gl.ArrayDataset(x=np.zeros((n, 4096), dtype=np.float32), y=np.arange(n))
+
+
 def reader_threads() -> list:
     return [t for t in threading.enumerate() if t.name.startswith("gpuloader-reader")]
 
@@ -138,7 +143,7 @@ def test_load_state_refuses_another_world_size():
 
 
 def test_close_stops_reader_threads_and_is_idempotent():
-    loader = gl.DataLoader(make_dataset(), batch_size=8, reader_threads=3)
+    loader = gl.DataLoader(wide_dataset(), batch_size=8, reader_threads=3)
     next(iter(loader))
     assert len(reader_threads()) >= 3
     loader.close()
@@ -149,8 +154,9 @@ def test_close_stops_reader_threads_and_is_idempotent():
 
 
 def test_break_then_with_exit_leaves_no_thread():
-    with gl.DataLoader(make_dataset(), batch_size=8) as loader:
+    with gl.DataLoader(wide_dataset(), batch_size=8) as loader:
         for _ in loader:
+            assert reader_threads()
             break
     assert reader_threads() == []
 
@@ -158,8 +164,9 @@ def test_break_then_with_exit_leaves_no_thread():
 def test_garbage_collection_stops_threads():
     import gc
 
-    loader = gl.DataLoader(make_dataset(), batch_size=8)
+    loader = gl.DataLoader(wide_dataset(), batch_size=8)
     next(iter(loader))
+    assert reader_threads()
     del loader
     gc.collect()
     assert reader_threads() == []
@@ -185,13 +192,15 @@ class ExplodingSource:
         self.inner.close()
 
 
-def test_reader_errors_reach_the_consumer_with_type_and_indices():
-    ds = gl.ArrayDataset.from_source(ExplodingSource(make_dataset().source))
+@pytest.mark.parametrize("make, where", [(make_dataset, "while reading"),
+                                         (wide_dataset, "reader thread")])
+def test_reader_errors_reach_the_consumer_with_type_and_indices(make, where):
+    ds = gl.ArrayDataset.from_source(ExplodingSource(make().source))
     with gl.DataLoader(ds, batch_size=10) as loader:
         with pytest.raises(OSError, match="disk on fire") as info:
             delivered(loader)
     notes = "\n".join(getattr(info.value, "__notes__", []))
-    assert "10, 11, 12, 13" in notes and "reader thread" in notes
+    assert "10, 11, 12, 13" in notes and where in notes
 
 
 def test_stats_count_what_was_delivered():
