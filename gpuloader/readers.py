@@ -49,7 +49,7 @@ class ReaderPool:
                  name: str = "gpuloader-reader") -> None:
         self._source = source
         self._stats = stats
-        self._jobs: "queue.Queue[ReadJob]" = queue.Queue()
+        self._jobs: "queue.Queue[Optional[ReadJob]]" = queue.Queue()
         self._done: Dict[int, tuple] = {}
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -100,6 +100,8 @@ class ReaderPool:
                 job = self._jobs.get(timeout=_POLL_S)
             except queue.Empty:
                 continue
+            if job is None:  # close() wakes each thread with one None
+                return
             error: Optional[BaseException] = None
             started = time.perf_counter()
             try:
@@ -119,6 +121,8 @@ class ReaderPool:
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
+        for _ in self._threads:
+            self._jobs.put(None)  # wake idle threads now instead of after their poll timeout
         for t in self._threads:
             if t is not threading.current_thread():
                 t.join()
