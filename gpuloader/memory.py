@@ -589,6 +589,8 @@ def plan_batch_size(
     cost = staging + step
     if cost > 0:
         size = max(0, math.floor(free * cfg.memory_fraction) - fixed) // cost
+    elif fixed > free * cfg.memory_fraction:  # even the fixed part does not fit
+        size = 0
     else:  # nothing scales with the batch: memory sets no bound
         size = sys.maxsize
     if not fitted and cfg.sample_bytes == 0 and cfg.max_batch_size is None and staging > 0:
