@@ -32,7 +32,7 @@ __all__ = [
     "open_dataset",
 ]
 
-_LAZY = ("bench", "config", "train", "models", "cli")
+_LAZY = ("bench", "cli", "config", "convert", "demo", "models", "train")
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,6 @@
+"""``python -m gpuloader``: the command line (see gpuloader.cli)."""
+import sys
+
+from gpuloader.cli import main
+
+sys.exit(main())
