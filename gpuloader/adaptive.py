@@ -138,8 +138,8 @@ def accumulate(loader: "DataLoader", global_batch_size: int) -> Iterator[Step]:
     if global_batch_size <= 0:
         raise ArgumentError(f"global_batch_size must be a positive int; got {global_batch_size}")
     if loader._controller is None:
-        raise ArgumentError("accumulate() needs automatic batching; this loader was built with "
-                            "batch_size=None or an IterableDataset")
+        raise ArgumentError("accumulate() needs batches gpuloader sizes; this loader was built "
+                            "with batch_size=None, a batch_sampler, or an IterableDataset")
     iterator = loader._iter_steps(global_batch_size)
     total = iterator.total
     if loader.drop_last:

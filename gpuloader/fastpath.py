@@ -45,7 +45,7 @@ class FastResources:
     pack: Callable[[Dict[str, torch.Tensor]], Any]
     pool: Optional[ReaderPool]              # None when reads are inline
     stats: LoaderStats
-    controller: SizeController
+    controller: Optional[SizeController]      # None when a user batch_sampler sets the sizes
     prefetch_depth: int
     device: Optional[torch.device] = None     # None or cpu: batches stay on the host
     pin: bool = False
@@ -85,6 +85,16 @@ class FastEpochIterator:
         self._pending: Deque[_Pending] = deque()
         self._handed: Deque[DeviceSlot] = deque()
         self._seq = 0
+        #: Called with (epoch, position, last_start, last_length) if this iterator is dropped
+        #: before the epoch ends (the loader keeps those numbers: NOTE(no-cycles) in loader.py).
+        self.on_abandon: Optional[Callable[[int, int, int, int], None]] = None
+
+    def __del__(self) -> None:
+        if not self.finished and self.on_abandon is not None:
+            try:
+                self.on_abandon(self.epoch, self.position, self.last_start, self.last_length)
+            except Exception:  # interpreter shutdown: the loader may be half torn down
+                pass
 
     @property
     def total(self) -> int:
@@ -98,7 +108,8 @@ class FastEpochIterator:
         n = len(self.order)
         if pos >= n:
             return None
-        size = self.res.controller.current
+        # Without a controller a user batch_sampler sets the sizes: spans end at its boundaries.
+        size = self.res.controller.current if self.res.controller is not None else n - pos
         end = min(pos + size, n)
         if self._boundaries is not None and len(self._boundaries):
             k = int(np.searchsorted(self._boundaries, pos, side="right"))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Any, Deque, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Deque, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -158,6 +158,18 @@ class GenericEpochIterator:
         self._it: Optional[Iterator[Any]] = torch_iter
         self._replay: Deque[Any] = deque()
         self._kept: Deque[Tuple[int, Any]] = deque()
+        #: Called with (epoch, position, last_start, last_length) if this iterator is dropped
+        #: before the epoch ends (the loader keeps those numbers: NOTE(no-cycles) in loader.py).
+        self.on_abandon: Optional[Callable[[int, int, int, int], None]] = None
+
+    def __del__(self) -> None:
+        # Dropping this iterator drops torch's, whose own __del__ stops its workers (as after
+        # a break with torch's DataLoader); the loader only needs to know where it stopped.
+        if not self.finished and self.on_abandon is not None:
+            try:
+                self.on_abandon(self.epoch, self.position, self.last_start, self.last_length)
+            except Exception:  # interpreter shutdown: the loader may be half torn down
+                pass
 
     def __iter__(self) -> "GenericEpochIterator":
         return self

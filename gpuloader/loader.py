@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from typing import Any, Dict, Iterator, Optional, TypeVar, Union
 
 import numpy as np
@@ -42,15 +43,23 @@ BatchSize = Union[int, str, None]
 STATE_VERSION = 1
 
 
+class _BatchSizeTypeError(ArgumentTypeError, ValueError):
+    """A batch_size of the wrong type: a TypeError as gpuloader's errors are, and the
+    ValueError torch's DataLoader raises for it, so ``except ValueError`` code keeps working."""
+
+
 def _check_batch_size(batch_size: object) -> BatchSize:
-    if batch_size is None or batch_size == "auto":
+    if batch_size is None or (isinstance(batch_size, str) and batch_size == "auto"):
         return batch_size  # type: ignore[return-value]
+    # Each message starts with torch's own (BatchSampler's), which drop-in callers may match.
+    torch_message = ("batch_size should be a positive integer value, but got "
+                     f"batch_size={batch_size}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-        raise ArgumentTypeError(f'batch_size must be a positive int, None, or "auto"; got '
-                                f"{describe(batch_size)}")
+        raise _BatchSizeTypeError(f'{torch_message}; batch_size must be a positive int, None, '
+                                  f'or "auto"; got {describe(batch_size)}')
     if batch_size <= 0:
-        raise ArgumentError(f'batch_size must be a positive int, None, or "auto"; got '
-                            f"{batch_size} (use batch_size=None to disable batching)")
+        raise ArgumentError(f'{torch_message}; batch_size must be a positive int, None, or '
+                            f'"auto" (use batch_size=None to disable batching)')
     return int(batch_size)
 
 
@@ -62,6 +71,43 @@ def _check_count(name: str, value: object, low: int, accepted: str) -> int:
     return int(value)
 
 
+def _weak_method(method: Any) -> Any:
+    """``method`` (bound to a loader) as a callable that does not keep the loader alive.
+
+    NOTE(no-cycles): nothing a loader owns may refer back to it strongly — not its samplers,
+    size controller, packers or epoch iterators' registry — so ``del loader`` frees it (and
+    stops its reader threads and worker processes) at once, as with torch, without waiting for
+    the cycle collector.  The iterator of a running epoch does hold its loader, so
+    ``next(iter(DataLoader(...)))`` works.
+    """
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any) -> Any:
+        bound = ref()
+        if bound is None:
+            raise ReferenceError("the gpuloader.DataLoader this belongs to was deleted")
+        return bound(*args)
+
+    return call
+
+
+class _StoppedEpoch:
+    """What is left of an epoch whose iterator was dropped before its end (NOTE(no-cycles)):
+    plain numbers, enough for ``state_dict()`` and for ``oom_guard`` to roll back its last
+    batch.  Nothing is re-delivered from it; ``iter(loader)`` starts the next epoch."""
+
+    def __init__(self, epoch: int, position: int, last_start: int, last_length: int) -> None:
+        self.epoch, self.position = epoch, position
+        self.last_start, self.last_length = last_start, last_length
+        self.finished = False
+
+    def rewind(self, position: int) -> None:
+        self.position = position
+
+    def close(self) -> None:
+        self.finished = True
+
+
 class DataLoader(tud.DataLoader[T_co]):
     """A drop-in ``torch.utils.data.DataLoader`` (same arguments, same batches) that also reads
     array datasets in batches, stages them on a device, and sizes batches from free memory.
@@ -71,7 +117,7 @@ class DataLoader(tud.DataLoader[T_co]):
     - ``device``: None keeps batches on the CPU (like torch); "cuda", "cuda:N", "cpu", "auto".
     - ``order``: "sequential", "shuffle" or "block" (chunk-local shuffle); default from shuffle.
     - ``prefetch_depth``: batches read ahead on the fast path (any num_workers), default 2.
-    - ``reader_threads``: fast-path reader threads (default min(4, CPUs)).
+    - ``reader_threads``: fast-path reader threads (default: half the CPUs, 1 to 4).
     - ``memory_fraction``, ``memory_budget`` (bytes), ``sample_bytes`` (bytes one sample costs in
       the step), ``min_batch_size``, ``max_batch_size``: how ``batch_size="auto"`` is sized.
     - ``seed``: the order's seed (default: drawn once from ``generator`` or torch's RNG).
@@ -123,7 +169,10 @@ class DataLoader(tud.DataLoader[T_co]):
         self.device = resolve_device(device)
         self.order = order or ("shuffle" if shuffle else "sequential")
         self.prefetch_depth = _check_count("prefetch_depth", prefetch_depth, 0, "an int >= 0")
-        self.reader_threads = (min(4, os.cpu_count() or 1) if reader_threads is None else
+        # Default: half the cores (at most 4), leaving the rest to torch's compute threads;
+        # numpy's gather holds the GIL, so more readers mostly add contention.
+        self.reader_threads = (min(4, max(1, (os.cpu_count() or 1) // 2))
+                               if reader_threads is None else
                                _check_count("reader_threads", reader_threads, 1,
                                             "a positive int or None"))
         self.memory_fraction = validate_memory_fraction(memory_fraction)
@@ -138,6 +187,8 @@ class DataLoader(tud.DataLoader[T_co]):
         self._epoch = 0
         self._resume_position = 0
         self._active: Optional[Union[FastEpochIterator, GenericEpochIterator]] = None
+        self._abandoned: Optional[_StoppedEpoch] = None  # what a dropped iterator left
+        self._base_seed_drawn = False
         self._closed = False
         self._pool: Optional[ReaderPool] = None
         self._resources: Optional[FastResources] = None
@@ -151,13 +202,19 @@ class DataLoader(tud.DataLoader[T_co]):
         # The order's seed is drawn once per loader when gpuloader makes the order; the generic
         # path otherwise leaves torch's sampler (and its use of torch's RNG) untouched.
         own_order = self._view is not None or seed is not None or order is not None or distributed
-        self.seed: Optional[int] = resolve_seed(seed, generator) if own_order else None
+        # Only a random order of gpuloader's own draws a seed: sequential orders and user
+        # samplers do not depend on it, and drawing would shift torch's global RNG for the rest
+        # of the program (torch's DataLoader draws nothing at construction).
+        random_order = (self.order != "sequential" and sampler is None and batch_sampler is None)
+        self.seed: Optional[int] = None
+        if own_order:
+            self.seed = resolve_seed(seed, generator) if seed is not None or random_order else 0
         if seed is None and self.seed is not None and self.world.use_collectives:
             # Every rank must shard the same order, but a drawn seed comes from each rank's own
             # RNG (often seeded per rank): agree on one (a single collective, at construction).
             self.seed = self.world.min(self.seed)
         if own_order and self._view is None and sampler is None and batch_sampler is None:
-            object.__setattr__(self, "sampler", OrderSampler(self))
+            object.__setattr__(self, "sampler", OrderSampler(weakref.proxy(self)))
         self._controller = self._make_controller(batch_size)
         if self._view is None and self._controller is not None and batch_sampler is None:
             # Replace torch's fixed-size BatchSampler by one that reads the live size, so
@@ -189,12 +246,13 @@ class DataLoader(tud.DataLoader[T_co]):
         return self.world.min(plan_batch_size(self._free_bytes(), self._sizer_config(), learned))
 
     def _make_controller(self, batch_size: BatchSize) -> Optional[SizeController]:
-        if batch_size is None or isinstance(self.dataset, tud.IterableDataset):
-            return None
+        if batch_size is None or isinstance(self.dataset, tud.IterableDataset) or \
+                self._user_batch_sampler is not None:
+            return None  # torch's batch_size is None with a batch_sampler: it sets the sizes
         target = self.plan_batch_size() if batch_size == "auto" else int(batch_size)
-        agree = self._agree_size if self.world.use_collectives else None
+        agree = _weak_method(self._agree_size) if self.world.use_collectives else None
         return SizeController(target, floor=min(self.min_batch_size, target),
-                              free_bytes=self._free_bytes, agree=agree)
+                              free_bytes=_weak_method(self._free_bytes), agree=agree)
 
     def _agree_size(self, size: int) -> int:
         """The smallest ``size`` over ranks (a collective; NOTE(agreed-growth) in sizing.py).
@@ -263,13 +321,49 @@ class DataLoader(tud.DataLoader[T_co]):
         with self._lock:
             if self._active is not None:
                 self._active.close()
+            if self._pool is not None:
+                self._pool.drain()  # reads of an epoch whose iterator was dropped mid-way
+            self._abandoned = None
             epoch, start = self._epoch, self._resume_position
             self._epoch, self._resume_position = epoch + 1, 0
+            iterator: Union[FastEpochIterator, GenericEpochIterator]
             if self._view is not None:
-                self._active = self._fast_iterator(epoch, start, step)
+                iterator = self._fast_iterator(epoch, start, step)
             else:
-                self._active = self._generic_iterator(epoch, start, step)
-            return self._active
+                iterator = self._generic_iterator(epoch, start, step)
+            # The iterator holds its loader; the loader only refers to it weakly, so dropping
+            # the iterator (break) ends the epoch's workers as in torch (NOTE(no-cycles)).
+            iterator.on_abandon = self._note_abandoned
+            self._active = iterator
+            return iterator
+
+    @property
+    def _active(self) -> Any:
+        """The iterator of the epoch in progress while someone holds it; after it was dropped
+        unfinished (a break), the _StoppedEpoch it left; else None."""
+        ref = self.__dict__.get("_active_ref")
+        live = ref() if ref is not None else None
+        return live if live is not None else self.__dict__.get("_abandoned")
+
+    @_active.setter
+    def _active(self, iterator: Optional[Union[FastEpochIterator, GenericEpochIterator]]) -> None:
+        self.__dict__["_active_ref"] = weakref.ref(iterator) if iterator is not None else None
+
+    def _note_abandoned(self, epoch: int, position: int, last_start: int,
+                        last_length: int) -> None:
+        """Called when an unfinished epoch's iterator is dropped: state_dict() still reports
+        where it stopped, and oom_guard can still roll its last batch back."""
+        self._abandoned = _StoppedEpoch(epoch, position, last_start, last_length)
+
+    def _draw_torch_base_seed(self) -> None:
+        """Consume torch's RNG as torch's own iterator does at each epoch start (one int64 from
+        ``generator``, or the global RNG; once only with persistent workers), so samplers that
+        draw from the same RNG — and the rest of the program — see the numbers they would
+        with torch's DataLoader."""
+        if self.persistent_workers and self._base_seed_drawn:
+            return
+        self._base_seed_drawn = True
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)
 
     def _generic_iterator(self, epoch: int, start: int,
                           step: Optional[int]) -> GenericEpochIterator:
@@ -290,30 +384,48 @@ class DataLoader(tud.DataLoader[T_co]):
         return iterator
 
     def _fast_iterator(self, epoch: int, start: int, step: Optional[int]) -> FastEpochIterator:
+        # torch calls iter(batch_sampler) before it draws its base seed, and iterates a sampler
+        # (through its lazy BatchSampler) after: keep that order of RNG use.
+        batch_iter = iter(self._user_batch_sampler) if self._user_batch_sampler is not None \
+            else None
+        self._draw_torch_base_seed()
         order, sort = self._positions(epoch)
         boundaries = None
         if step is not None:
             boundaries = np.arange(step, len(order) + step, step, dtype=np.int64)
-        if self._user_batch_sampler is not None:
-            batches = [np.asarray(list(b), dtype=np.int64) for b in self._user_batch_sampler]
+        capacity = None
+        if batch_iter is not None:
+            batches = [np.asarray(list(b), dtype=np.int64) for b in batch_iter]
             order = np.concatenate(batches) if batches else np.empty(0, dtype=np.int64)
             ends = np.cumsum([len(b) for b in batches])
             boundaries = ends if boundaries is None else np.union1d(ends, boundaries)
             sort = False
+            capacity = max((len(b) for b in batches), default=1)
         if start > len(order):
             raise ArgumentError(f"the loaded state's position {start} is beyond this epoch's "
                                 f"{len(order)} samples; was it saved with another dataset?")
-        return FastEpochIterator(self._fast_resources(), epoch, order, start, sort=sort,
+        return FastEpochIterator(self._fast_resources(capacity), epoch, order, start, sort=sort,
                                  drop_last=self.drop_last and self._user_batch_sampler is None,
                                  boundaries=boundaries)
 
-    def _fast_resources(self) -> FastResources:
-        if self._resources is not None:
-            return self._resources
+    def _fast_resources(self, capacity: Optional[int] = None) -> FastResources:
+        """The fast path's readers and rings; ``capacity`` (samples per batch) is given when a
+        user batch_sampler sets the sizes (there is no controller then)."""
+        res = self._resources
+        if res is not None and res.host_ring is not None and capacity is not None and \
+                capacity > res.host_ring.slots[0].capacity:
+            # A batch sampler's batches outgrew the staging rings: replace them (rare).
+            res.host_ring = HostRing(res.fields, capacity, self.prefetch_depth + 2, pin=True)
+            res.device_ring = DeviceRing(res.fields, capacity, self.prefetch_depth + 2,
+                                         self.device, reuse=self.reuse_buffers)
+        if res is not None:
+            return res
         view = self._view
-        assert view is not None and self._controller is not None
+        assert view is not None
         cuda = self.device is not None and self.device.type == "cuda"
-        capacity = self._controller.target
+        if self._controller is not None:
+            capacity = self._controller.target
+        capacity = max(1, capacity or 1)
         inline = not cuda and capacity * view.sample_nbytes <= INLINE_BATCH_BYTES
         if not inline:
             self._pool = ReaderPool(view.source, self.reader_threads, self._stats)
@@ -332,13 +444,13 @@ class DataLoader(tud.DataLoader[T_co]):
         return self._resources
 
     def _packer(self) -> Any:
-        view = self._view
+        view, collate = self._view, self._user_collate
         assert view is not None
-        def pack(tensors: Dict[str, torch.Tensor]) -> Any:
-            structured = view.structure(tensors)
-            if self._user_collate is None:
-                return structured
-            return self._user_collate(view.split(tensors))
+
+        def pack(tensors: Dict[str, torch.Tensor]) -> Any:  # holds no loader: NOTE(no-cycles)
+            if collate is None:
+                return view.structure(tensors)
+            return collate(view.split(tensors))
 
         return pack
 
@@ -358,8 +470,6 @@ class DataLoader(tud.DataLoader[T_co]):
         seconds waited / reading / copying, stall fraction, rates, batch-size history."""
         snap = self._stats.snapshot()
         snap["batch_size"] = self.batch_size
-        if self._controller is not None:
-            snap["oom_count"] = self._controller.oom_count
         return snap
 
     def stats_reset(self) -> None:
@@ -404,7 +514,9 @@ class DataLoader(tud.DataLoader[T_co]):
             if self._active is not None:
                 self._active.close()
                 self._active = None
-            self.seed = int(state["seed"])
+            self._abandoned = None
+            # None: a generic-path loader that leaves the order to torch's sampler
+            self.seed = None if state["seed"] is None else int(state["seed"])
             self._epoch = int(state["epoch"])
             self._resume_position = int(state["position"])
             if self._controller is not None and state.get("sizer"):
@@ -415,7 +527,8 @@ class DataLoader(tud.DataLoader[T_co]):
         adaptive.py); raises ValueError when the batch cannot shrink further."""
         active, controller = self._active, self._controller
         if active is None or controller is None:
-            raise ValueError("this loader has no batch size to shrink (batch_size=None)")
+            raise ValueError("this loader has no batch size to shrink (batch_size=None, a "
+                             "batch_sampler, or an IterableDataset)")
         rewind_to = self._step_start if whole_step and self._step_start is not None else start
         predicted = None
         if self.cost_model.has_fit:

@@ -8,6 +8,16 @@ attempt doubles the cooldown, so attempts get rarer and cannot thrash.  The know
 the failure, so the size can return to the target once memory frees.  A failed growth attempt
 returns to the last size that worked rather than halving.  Sizes >= 8 stay multiples
 of 8.
+
+NOTE(agreed-growth): in a distributed job every rank must use the same size, or ranks deliver
+different numbers of batches and their collectives stop matching.  Shrinking is agreed by the
+loader (the OOM flag is all-reduced, then the new size is the minimum over ranks).  Growth is
+agreed here: ``agree`` (the loader passes ``World.min``) is applied to the growth candidate at
+the decision point.  That point is reached on the same step on every rank, because it depends
+only on values that are identical on all ranks — ``current``, ``target``, ``cooldown`` and the
+success count, which change only at agreed events — never on the per-rank free-memory probe.
+The probe (and the known-bad size it may clear) only shapes each rank's *candidate*; the
+minimum candidate wins, so the rank with the least room decides.
 """
 from __future__ import annotations
 
@@ -27,11 +37,14 @@ class SizeController:
     """Holds the current batch size between ``floor`` and ``target`` (both in samples).
 
     ``free_bytes`` is called (rarely: only around out-of-memory events) to tell whether memory
-    has been freed since the last failure.  Lifetime: one per loader, across epochs.
+    has been freed since the last failure.  ``agree`` maps this rank's growth candidate to the
+    size all ranks use (a collective, called once per growth decision on every rank; see
+    NOTE(agreed-growth)); None for a single process.  Lifetime: one per loader, across epochs.
     """
 
     def __init__(self, target: int, *, floor: int = 1,
-                 free_bytes: Optional[Callable[[], int]] = None) -> None:
+                 free_bytes: Optional[Callable[[], int]] = None,
+                 agree: Optional[Callable[[int], int]] = None) -> None:
         self.target = target
         self.floor = min(floor, target)
         self.current = target
@@ -42,6 +55,7 @@ class SizeController:
         self._free_at_failure = 0
         self._growing_from: Optional[int] = None
         self._free_bytes = free_bytes
+        self._agree = agree
 
     def set_target(self, target: int) -> None:
         """Change the size the controller grows towards (e.g. a new plan from free memory)."""
@@ -83,11 +97,17 @@ class SizeController:
             if self._free_bytes() > self._free_at_failure * 1.25:
                 self._bad = None  # memory was freed: the old failure no longer predicts
         candidate = min(self.target, self.current * 2)
+        retrying: Optional[int] = None
         if self._bad is not None and candidate >= self._bad:
             candidate = round_size((self.current + self._bad) // 2, self.floor)
             if candidate <= self.current:  # bisection is exhausted: retry the failed size
-                candidate, self._bad = min(self.target, self._bad), None
+                retrying, self._bad = self._bad, None
+                candidate = min(self.target, retrying)
         candidate = round_size(candidate, self.floor)
+        if self._agree is not None:  # NOTE(agreed-growth): every rank calls this here
+            candidate = self._agree(candidate)
+            if retrying is not None and candidate < retrying:
+                self._bad = retrying  # another rank held the size lower: not retried yet
         if candidate > self.current:
             self._growing_from = self.current
             self.current = candidate

@@ -60,18 +60,48 @@ class ArrayView:
             close()
 
 
+def _fetches_like(dataset: Any, base: type) -> bool:
+    """True when torch would fetch ``dataset``'s samples with ``base``'s own methods: a subclass
+    that overrides ``__getitem__`` or ``__getitems__`` (e.g. to transform samples) must go
+    through the generic path, or its override would be skipped."""
+    cls = type(dataset)
+    return (cls.__getitem__ is base.__getitem__
+            and getattr(cls, "__getitems__", None) is getattr(base, "__getitems__", None))
+
+
+def _readable(tensor: torch.Tensor) -> bool:
+    """True for tensors the fast path copies exactly: dense, on the CPU, with a numpy dtype and
+    no autograd history to keep (torch's collate would stack them into a graph)."""
+    if tensor.device.type != "cpu" or tensor.layout != torch.strided or tensor.requires_grad:
+        return False
+    try:
+        torch.empty(0, dtype=tensor.dtype).numpy()
+    except TypeError:  # bfloat16, quantized and other dtypes numpy has no match for
+        return False
+    return True
+
+
 def array_view(dataset: Any) -> Optional[ArrayView]:
-    """An ArrayView for ArrayDataset, CPU TensorDataset, and (nested) Subsets of them; else None."""
+    """An ArrayView for ArrayDataset, CPU TensorDataset, and (nested) Subsets of them; else None.
+
+    Only datasets whose batches the fast path reproduces exactly qualify (see ``_fetches_like``
+    and ``_readable``); everything else takes the generic path, which is torch's own.
+    """
     from gpuloader.dataset import ArrayDataset
 
     if isinstance(dataset, ArrayDataset):
+        if not _fetches_like(dataset, ArrayDataset):
+            return None
         return ArrayView(dataset.source, None, dataset.named, dataset)
     if isinstance(dataset, tud.TensorDataset):
-        if not dataset.tensors or any(t.device.type != "cpu" for t in dataset.tensors):
+        if not dataset.tensors or not _fetches_like(dataset, tud.TensorDataset) or \
+                not all(_readable(t) for t in dataset.tensors):
             return None
         wrapped = ArrayDataset(*dataset.tensors)
         return ArrayView(wrapped.source, None, False, wrapped)
     if isinstance(dataset, tud.Subset):
+        if not _fetches_like(dataset, tud.Subset):
+            return None
         inner = array_view(dataset.dataset)
         if inner is None:
             return None
