@@ -15,6 +15,8 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
+from gpuloader.cliargs import positive_int
+
 __all__ = ["main", "build_parser"]
 
 PROG = "gpuloader"
@@ -310,7 +312,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("src", help="source: folder of .npy, .npy file, or HDF5 file")
     p.add_argument("dst", help="destination: name it .h5/.hdf5 for HDF5, otherwise a folder "
                               "of .npy files is written")
-    p.add_argument("--chunk-rows", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--chunk-rows", type=positive_int, default=None, metavar="N",
                    help="rows per HDF5 chunk (default: about 1 MiB of rows)")
     p.add_argument("--compression", choices=("gzip", "lzf", "none"), default="none",
                    help="HDF5 compression (default none)")
@@ -335,16 +337,6 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                            description="run `gpuloader bench -h` for its options")
     p.set_defaults(func=_cmd_bench)
     return parser
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _report(exc: BaseException) -> None:

@@ -28,6 +28,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
+from gpuloader.cliargs import non_negative_int, positive_int, positive_ints
+
 __all__ = ["DemoData", "cache_root", "demo_data", "add_arguments", "main"]
 
 DEFAULT_SAMPLES = 250_000
@@ -411,26 +413,26 @@ def summary(results: List[_Result], epochs: int = 1, max_batch_size: Optional[in
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``gpuloader demo`` options."""
-    parser.add_argument("--samples", type=_positive, default=DEFAULT_SAMPLES,
+    parser.add_argument("--samples", type=positive_int, default=DEFAULT_SAMPLES,
                         help=f"rows of synthetic data (default {DEFAULT_SAMPLES:,})")
-    parser.add_argument("--features", type=_positive, default=DEFAULT_FEATURES,
+    parser.add_argument("--features", type=positive_int, default=DEFAULT_FEATURES,
                         help=f"float32 features per row (default {DEFAULT_FEATURES})")
-    parser.add_argument("--classes", type=_positive, default=DEFAULT_CLASSES,
+    parser.add_argument("--classes", type=positive_int, default=DEFAULT_CLASSES,
                         help=f"label classes (default {DEFAULT_CLASSES})")
     parser.add_argument("--format", choices=("npy", "hdf5"), default="npy", dest="fmt",
                         help="which copy of the data to train from (default npy)")
     parser.add_argument("--cache-dir", default=None,
                         help="where the data is cached (default $XDG_CACHE_HOME/gpuloader or "
                              "~/.cache/gpuloader)")
-    parser.add_argument("--epochs", type=_positive, default=1,
+    parser.add_argument("--epochs", type=positive_int, default=1,
                         help="epochs through gpuloader (default 1; torch runs one)")
     parser.add_argument("--device", default="auto",
                         help='"auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:N"')
-    parser.add_argument("--max-batch-size", type=_positive, default=1024,
+    parser.add_argument("--max-batch-size", type=positive_int, default=1024,
                         help="upper bound for the auto batch size (default 1024): on a big "
                              "GPU or host, free memory alone would allow huge batches")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
-    parser.add_argument("--torch-workers", type=_count, default=0,
+    parser.add_argument("--torch-workers", type=non_negative_int, default=0,
                         help="num_workers of the torch comparison (default 0)")
     parser.add_argument("--compare-seconds", type=float, default=30.0,
                         help="stop the torch epoch after this many seconds and report its rate "
@@ -441,36 +443,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only make (or check) the cached data and print its paths")
     parser.add_argument("--rebuild", action="store_true", help="remake the cached data")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--hidden", type=_widths, default=(64,),
+    parser.add_argument("--hidden", type=positive_ints, default=(64,),
                         help="hidden layer widths of the MLP, comma-separated (default 64)")
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _widths(text: str) -> Tuple[int, ...]:
-    try:
-        return tuple(_positive(part) for part in text.split(",") if part.strip())
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got "
-                                         f"{text!r}") from None
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
 
 
 def main(args: argparse.Namespace) -> int:

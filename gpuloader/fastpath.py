@@ -22,6 +22,7 @@ import torch
 
 from gpuloader.buffers import (DeviceRing, DeviceSlot, HostRing, HostSlot, allocate,
                                numpy_views, row_views)
+from gpuloader.epoch import EpochCursor
 from gpuloader.readers import ReaderPool, ReadJob, describe_indices
 from gpuloader.sizing import SizeController
 from gpuloader.sources.base import FieldSpec, Source
@@ -66,18 +67,14 @@ class _Pending:
     meta: Dict[str, Any] = field(default_factory=dict)
 
 
-class FastEpochIterator:
+class FastEpochIterator(EpochCursor):
     """Iterates one epoch of ``order`` from ``start`` (see NOTE(cursor))."""
 
     def __init__(self, res: FastResources, epoch: int, order: np.ndarray, start: int, *,
                  sort: bool, drop_last: bool, boundaries: Optional[np.ndarray] = None) -> None:
+        super().__init__(epoch, start)
         self.res = res
-        self.epoch = epoch
         self.order = order
-        self.position = start
-        self.finished = False
-        self.last_start = start
-        self.last_length = 0
         self._sort = sort
         self._drop_last = drop_last
         self._boundaries = boundaries
@@ -85,24 +82,11 @@ class FastEpochIterator:
         self._pending: Deque[_Pending] = deque()
         self._handed: Deque[DeviceSlot] = deque()
         self._seq = 0
-        #: Called with (epoch, position, last_start, last_length) if this iterator is dropped
-        #: before the epoch ends (the loader keeps those numbers: NOTE(no-cycles) in loader.py).
-        self.on_abandon: Optional[Callable[[int, int, int, int], None]] = None
-
-    def __del__(self) -> None:
-        if not self.finished and self.on_abandon is not None:
-            try:
-                self.on_abandon(self.epoch, self.position, self.last_start, self.last_length)
-            except Exception:  # interpreter shutdown: the loader may be half torn down
-                pass
 
     @property
     def total(self) -> int:
         """Samples in this epoch's order."""
         return len(self.order)
-
-    def __iter__(self) -> "FastEpochIterator":
-        return self
 
     def _next_span(self, pos: int) -> Optional[tuple]:
         n = len(self.order)

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Any, Callable, Deque, Iterator, List, Optional, Tuple
+from typing import Any, Deque, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from gpuloader.epoch import EpochCursor
 from gpuloader.sizing import SizeController
 
 _LEAF = (str, bytes, int, float, complex, bool, type(None))
@@ -144,35 +145,18 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-class GenericEpochIterator:
+class GenericEpochIterator(EpochCursor):
     """One epoch of torch's iterator, with positions, telemetry and replay (see NOTE(replay))."""
 
     def __init__(self, loader: Any, torch_iter: Iterator[Any], epoch: int, start: int) -> None:
+        super().__init__(epoch, start)
         self.loader = loader
-        self.epoch = epoch
-        self.position = start
-        self.finished = False
-        self.last_start = start
-        self.last_length = 0
         self.total = 0  # samples in the epoch when known (accumulate needs it)
         self._it: Optional[Iterator[Any]] = torch_iter
         self._replay: Deque[Any] = deque()
         self._kept: Deque[Tuple[int, Any]] = deque()
-        #: Called with (epoch, position, last_start, last_length) if this iterator is dropped
-        #: before the epoch ends (the loader keeps those numbers: NOTE(no-cycles) in loader.py).
-        self.on_abandon: Optional[Callable[[int, int, int, int], None]] = None
-
-    def __del__(self) -> None:
-        # Dropping this iterator drops torch's, whose own __del__ stops its workers (as after
-        # a break with torch's DataLoader); the loader only needs to know where it stopped.
-        if not self.finished and self.on_abandon is not None:
-            try:
-                self.on_abandon(self.epoch, self.position, self.last_start, self.last_length)
-            except Exception:  # interpreter shutdown: the loader may be half torn down
-                pass
-
-    def __iter__(self) -> "GenericEpochIterator":
-        return self
+        # Dropping this iterator drops torch's, whose own __del__ stops its workers (as after a
+        # break with torch's DataLoader); EpochCursor.__del__ tells the loader where it stopped.
 
     def __next__(self) -> Any:
         if self.finished:
