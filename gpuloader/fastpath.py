@@ -23,7 +23,7 @@ import torch
 from gpuloader.buffers import (DeviceRing, DeviceSlot, HostRing, HostSlot, allocate,
                                numpy_views, row_views)
 from gpuloader.epoch import EpochCursor
-from gpuloader.readers import ReaderPool, ReadJob, describe_indices
+from gpuloader.readers import ReadJob, describe_indices
 from gpuloader.sizing import SizeController
 from gpuloader.sources.base import FieldSpec, Source
 from gpuloader.stats import LoaderStats
@@ -44,7 +44,7 @@ class FastResources:
     fields: Dict[str, FieldSpec]
     index_map: Optional[np.ndarray]          # positions of a Subset -> base indices
     pack: Callable[[Dict[str, torch.Tensor]], Any]
-    pool: Optional[ReaderPool]              # None when reads are inline
+    pool: Optional[Any]        # ReaderPool or ProcessReaderPool; None when reads are inline
     stats: LoaderStats
     controller: Optional[SizeController]      # None when a user batch_sampler sets the sizes
     prefetch_depth: int

@@ -32,6 +32,7 @@ from gpuloader.memory import (CostModel, SizerConfig, plan_batch_size, probe_for
                               validate_batch_bounds, validate_memory_budget,
                               validate_memory_fraction, validate_sample_bytes)
 from gpuloader.order import check_order, epoch_order, resolve_seed
+from gpuloader.processes import ProcessReaderPool, needs_processes
 from gpuloader.readers import ReaderPool
 from gpuloader.sizing import SizeController
 from gpuloader.stats import LoaderStats
@@ -418,6 +419,10 @@ class DataLoader(tud.DataLoader[T_co]):
             res.host_ring = HostRing(res.fields, capacity, self.prefetch_depth + 2, pin=True)
             res.device_ring = DeviceRing(res.fields, capacity, self.prefetch_depth + 2,
                                          self.device, reuse=self.reuse_buffers)
+        if res is not None and isinstance(res.pool, ProcessReaderPool) and \
+                capacity is not None and capacity > res.pool.capacity:
+            res.pool.close()  # its shared-memory slots are too small for these batches
+            res.pool = self._pool = self._make_pool(self._view, capacity)
         if res is not None:
             return res
         view = self._view
@@ -428,7 +433,7 @@ class DataLoader(tud.DataLoader[T_co]):
         capacity = max(1, capacity or 1)
         inline = not cuda and capacity * view.sample_nbytes <= INLINE_BATCH_BYTES
         if not inline:
-            self._pool = ReaderPool(view.source, self.reader_threads, self._stats)
+            self._pool = self._make_pool(view, capacity)
         host_ring = device_ring = None
         if cuda:
             host_ring = HostRing(view.fields, capacity, self.prefetch_depth + 2, pin=True)
@@ -442,6 +447,15 @@ class DataLoader(tud.DataLoader[T_co]):
             pin=pin, host_ring=host_ring, device_ring=device_ring,
             sample_nbytes=view.sample_nbytes, inline=inline)
         return self._resources
+
+    def _make_pool(self, view: ArrayView, capacity: int) -> Union[ReaderPool, ProcessReaderPool]:
+        """Reader threads, or — with num_workers > 0 and a source whose reads hold h5py's
+        lock — ``num_workers`` reader processes (see processes.py)."""
+        if self.num_workers > 0 and needs_processes(view.source):
+            return ProcessReaderPool(view.source, view.fields, capacity, self.prefetch_depth + 2,
+                                     self.num_workers, self._stats,
+                                     context=self.multiprocessing_context)
+        return ReaderPool(view.source, self.reader_threads, self._stats)
 
     def _packer(self) -> Any:
         view, collate = self._view, self._user_collate
