@@ -1,24 +1,29 @@
 """Background reader threads that gather batches from a Source into caller-given buffers.
 
-numpy copies out of memory maps and in-RAM arrays release the GIL, so a few threads read in
-parallel even at ``num_workers=0``.  Threads are named, poll a stop event with a timeout (so
-``close()`` returns promptly), and hand exceptions back to the consumer with the indices that
-were being read.
+numpy's gathers out of memory maps and in-RAM arrays release the GIL, so reader threads read
+ahead while the training step runs, even at ``num_workers=0``.  Threads are named, wait on a
+condition that ``close()`` signals (so it returns promptly), and hand exceptions back to the
+consumer with the indices that were being read.
+
+NOTE(work-stealing): while the consumer waits for a batch it reads queued jobs itself — its own
+batch if no reader has started it, else the next one queued.  When readers are starved of CPU
+(by the training step's threads or other processes) the pipeline then degrades to reading
+synchronously instead of sleeping on a preempted reader.
 """
 from __future__ import annotations
 
-import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Deque, Dict, Optional, Tuple
 
 import numpy as np
 
 from gpuloader.sources.base import Source
 from gpuloader.stats import LoaderStats
 
-_POLL_S = 0.1  # how often idle threads look at the stop event
+_POLL_S = 0.1  # how often a waiting consumer re-checks that the pool is still open
 
 
 @dataclass
@@ -29,7 +34,7 @@ class ReadJob:
     indices: np.ndarray
     out: Dict[str, np.ndarray]
     payload: Any = None
-    before: Optional[Callable[[], None]] = None  # run in the reader first (e.g. wait for a slot)
+    before: Optional[Callable[[], None]] = None  # run by the reader first (e.g. wait for a slot)
 
 
 def describe_indices(indices: np.ndarray, limit: int = 8) -> str:
@@ -40,7 +45,8 @@ def describe_indices(indices: np.ndarray, limit: int = 8) -> str:
 
 
 class ReaderPool:
-    """``threads`` daemon threads serving read jobs in any order; results are fetched by seq.
+    """``threads`` daemon threads serving read jobs in submission order; results are fetched
+    by seq (see NOTE(work-stealing)).
 
     Lifetime: threads start in the constructor and end in :meth:`close` (idempotent).
     """
@@ -49,11 +55,11 @@ class ReaderPool:
                  name: str = "gpuloader-reader") -> None:
         self._source = source
         self._stats = stats
-        self._jobs: "queue.Queue[Optional[ReadJob]]" = queue.Queue()
-        self._done: Dict[int, tuple] = {}
+        self._queue: Deque[ReadJob] = deque()
+        self._done: Dict[int, Tuple[ReadJob, Optional[BaseException], str]] = {}
+        self._running = 0
         self._cond = threading.Condition()
-        self._stop = threading.Event()
-        self._outstanding = 0
+        self._stop = False
         self._threads = [
             threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True)
             for i in range(max(1, threads))
@@ -64,20 +70,34 @@ class ReaderPool:
     def submit(self, job: ReadJob) -> None:
         """Queue ``job``; its result is collected with :meth:`result`."""
         with self._cond:
-            self._outstanding += 1
-        self._jobs.put(job)
+            self._queue.append(job)
+            self._cond.notify()
 
     def result(self, seq: int) -> ReadJob:
-        """Block until job ``seq`` finished; re-raise its exception with the indices added."""
+        """Block until job ``seq`` finished — reading queued jobs here meanwhile (NOTE(work-
+        stealing)) — and re-raise its exception with the indices added."""
         with self._cond:
             while seq not in self._done:
-                if self._stop.is_set():
+                if self._stop:
                     raise RuntimeError("gpuloader: the reader pool was closed while waiting")
+                if self._queue:
+                    # Our job first if nobody started it, else the next queued one: either way
+                    # the consumer reads instead of sleeping while readers are starved.
+                    job = next((j for j in self._queue if j.seq == seq), self._queue[0])
+                    self._queue.remove(job)
+                    self._running += 1
+                    self._cond.release()
+                    try:
+                        outcome = self._read(job)
+                    finally:
+                        self._cond.acquire()
+                    self._record(job, *outcome)
+                    continue
                 self._cond.wait(_POLL_S)
-            job, error, thread_name = self._done.pop(seq)
+            job, error, where = self._done.pop(seq)
         if error is not None:
-            error.add_note(f"gpuloader: raised in reader thread {thread_name} while reading "
-                           f"sample indices {describe_indices(job.indices)}")
+            error.add_note(f"gpuloader: raised in {where} while reading sample indices "
+                           f"{describe_indices(job.indices)}")
             raise error
         return job
 
@@ -87,42 +107,51 @@ class ReaderPool:
             return seq in self._done
 
     def drain(self) -> None:
-        """Wait until no job is queued or running, and forget every result."""
+        """Drop queued jobs, wait for running ones, and forget every result."""
         with self._cond:
-            while self._outstanding and not self._stop.is_set():
+            self._queue.clear()
+            while self._running and not self._stop:
                 self._cond.wait(_POLL_S)
             self._done.clear()
 
-    def _run(self) -> None:
-        name = threading.current_thread().name
-        while not self._stop.is_set():
-            try:
-                job = self._jobs.get(timeout=_POLL_S)
-            except queue.Empty:
-                continue
-            if job is None:  # close() wakes each thread with one None
-                return
+    def _read(self, job: ReadJob) -> Tuple[Optional[BaseException], str]:
+        where = f"reader thread {threading.current_thread().name}"
+        started = time.perf_counter()
+        try:
+            if job.before is not None:
+                job.before()
+            self._source.read_into(job.indices, job.out)
             error: Optional[BaseException] = None
-            started = time.perf_counter()
-            try:
-                if job.before is not None:
-                    job.before()
-                self._source.read_into(job.indices, job.out)
-            except Exception as exc:  # handed to the consumer, which re-raises it
-                error = exc
-            self._stats.add_read(time.perf_counter() - started)
+        except Exception as exc:  # handed to the consumer, which re-raises it
+            error = exc
+        self._stats.add_read(time.perf_counter() - started)
+        return error, where
+
+    def _record(self, job: ReadJob, error: Optional[BaseException], where: str) -> None:
+        """Store a finished job's outcome; the caller holds ``_cond``."""
+        self._done[job.seq] = (job, error, where)
+        self._running -= 1
+        self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
             with self._cond:
-                self._done[job.seq] = (job, error, name)
-                self._outstanding -= 1
-                self._cond.notify_all()
+                while not self._queue and not self._stop:
+                    self._cond.wait()
+                if self._stop:
+                    return
+                job = self._queue.popleft()
+                self._running += 1
+            outcome = self._read(job)
+            with self._cond:
+                self._record(job, *outcome)
 
     def close(self) -> None:
-        """Stop and join every thread; pending jobs are dropped."""
-        self._stop.set()
+        """Stop and join every thread; queued jobs are dropped."""
         with self._cond:
+            self._stop = True
+            self._queue.clear()
             self._cond.notify_all()
-        for _ in self._threads:
-            self._jobs.put(None)  # wake idle threads now instead of after their poll timeout
         for t in self._threads:
             if t is not threading.current_thread():
                 t.join()
