@@ -42,6 +42,7 @@ from gpuloader.world import World
 T_co = TypeVar("T_co", covariant=True)
 BatchSize = Union[int, str, None]
 STATE_VERSION = 1
+REPLAN_STEPS = 16  # successful guarded steps between re-plans from the learned cost
 
 
 class _BatchSizeTypeError(ArgumentTypeError, ValueError):
@@ -195,6 +196,8 @@ class DataLoader(tud.DataLoader[T_co]):
         self._resources: Optional[FastResources] = None
         self.cost_model = CostModel()
         self._step_start: Optional[int] = None  # set by accumulate() while a step runs
+        self._guarded_steps = 0  # successful oom_guard steps (NOTE(learned-cost))
+        self._capacity = 0
 
         self._view: Optional[ArrayView] = None
         if batch_size is not None and not isinstance(dataset, tud.IterableDataset) and not (
@@ -239,7 +242,13 @@ class DataLoader(tud.DataLoader[T_co]):
                            min_batch_size=self.min_batch_size, max_batch_size=self.max_batch_size)
 
     def _free_bytes(self) -> int:
-        return probe_for(self.device or torch.device("cpu"), self.memory_budget).read().free
+        """Free memory for batches (bytes): the probe's figure plus the staging ring's own
+        bytes once it is allocated, since the plan counts the ring as part of the cost."""
+        free = probe_for(self.device or torch.device("cpu"), self.memory_budget).read().free
+        res = self.__dict__.get("_resources")
+        if res is not None and res.device_ring is not None and self.memory_budget is None:
+            free += res.device_ring.nbytes
+        return free
 
     def plan_batch_size(self) -> int:
         """The size ``batch_size="auto"`` picks now, agreed (minimum) over distributed ranks."""
@@ -251,6 +260,7 @@ class DataLoader(tud.DataLoader[T_co]):
                 self._user_batch_sampler is not None:
             return None  # torch's batch_size is None with a batch_sampler: it sets the sizes
         target = self.plan_batch_size() if batch_size == "auto" else int(batch_size)
+        self._capacity = target  # the staging ring holds batches of at most this many samples
         agree = _weak_method(self._agree_size) if self.world.use_collectives else None
         return SizeController(target, floor=min(self.min_batch_size, target),
                               free_bytes=_weak_method(self._free_bytes), agree=agree)
@@ -554,9 +564,21 @@ class DataLoader(tud.DataLoader[T_co]):
         active.rewind(rewind_to)
 
     def _step_succeeded(self, size: int) -> None:
-        """A guarded step of ``size`` samples finished: the size may grow after a cooldown."""
-        if self._controller is not None:
-            self._controller.on_success(size)
+        """A guarded step of ``size`` samples finished: the size may grow after a cooldown.
+
+        NOTE(learned-cost): with ``batch_size="auto"`` on CUDA, once the cost model has a fit of
+        peak step memory against batch size, every ``REPLAN_STEPS`` successful steps the target
+        is re-planned from it (never above the staging ring's capacity), replacing the guess.
+        The step count is the same on every rank, so the agreeing collective stays matched.
+        """
+        controller = self._controller
+        if controller is None:
+            return
+        controller.on_success(size)
+        self._guarded_steps += 1
+        if (self._requested_batch_size == "auto" and self.cost_model.has_fit
+                and self._guarded_steps % REPLAN_STEPS == 0):
+            controller.set_target(min(self._capacity, self.plan_batch_size()))
 
     def oom_guard(self, optimizer: Optional[torch.optim.Optimizer] = None) -> "adaptive.OomGuard":
         """Context manager around one training step: on out-of-memory, free memory, zero the

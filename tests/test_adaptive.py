@@ -219,3 +219,24 @@ def test_auto_streams_a_dataset_larger_than_the_budget():
         sizes = [len(b["y"]) for b in loader]
     assert sum(sizes) == n
     assert max(sizes) * per_sample * 4 <= budget
+
+
+def test_auto_size_is_replanned_from_the_learned_step_cost():
+    n, per_sample = 40_000, 4 * 4 + 8
+    budget = 1 << 20
+    with gl.DataLoader(make_dataset(n), batch_size="auto", memory_budget=budget) as loader:
+        planned = loader.batch_size
+        ring = per_sample * (loader.prefetch_depth + 2)
+        assert planned == (int(budget * 0.8) // ring) // 8 * 8
+        # Peak step memory measured on (simulated) guarded steps: 2 KiB per sample.
+        loader.cost_model.observe(8, 8 * 2048)
+        loader.cost_model.observe(64, 64 * 2048)
+        steps = 0
+        while steps < 16:
+            for batch in loader:
+                with loader.oom_guard():
+                    steps += 1
+                if steps == 16:
+                    break
+        learned = loader.batch_size
+    assert learned == (int(budget * 0.8) // (ring + 2048)) // 8 * 8 < planned
