@@ -13,7 +13,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, NoReturn, Optional, Sequence
 
 from gpuloader.cliargs import positive_int
 
@@ -258,12 +258,20 @@ def _wants_bench(argv: Sequence[str]) -> bool:
     return False
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line (``PROG: error: ...``) and exit 2,
+    like every other error of the command line; ``-h`` still shows the full usage."""
+
+    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} -h`)\n")
+
+
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     """The argument parser; ``argv`` decides whether bench's options are loaded (lazily)."""
     debug = argparse.ArgumentParser(add_help=False)
     debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show tracebacks instead of one-line errors")
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=PROG, description="Feed PyTorch training from .npy / HDF5 data larger than the GPU.",
         epilog="Start with `gpuloader demo`; `gpuloader COMMAND -h` explains each command.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")

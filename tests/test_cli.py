@@ -84,6 +84,10 @@ def test_bad_usage_exits_2(capsys: pytest.CaptureFixture) -> None:
     assert code == 2 and "argument --compression: invalid choice: 'zstd'" in err
     code, _, err = run(capsys, "nosuch")
     assert code == 2 and "invalid choice: 'nosuch'" in err
+    code, _, err = run(capsys, "demo", "--samples", "-5")
+    assert code == 2
+    assert err.splitlines() == ["gpuloader demo: error: argument --samples: expected a positive "
+                                "integer, got -5 (see `gpuloader demo -h`)"]
 
 
 # -------------------------------------------------------------------------------- train
