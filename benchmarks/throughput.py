@@ -161,7 +161,7 @@ def tiny_batches(args: argparse.Namespace) -> List[Dict[str, Any]]:
     runs = []
     for _ in range(args.repeats):
         def stream():
-            for idx in bench._batch_stream("shuffle", n, 0, bs, 1):
+            for idx in bench.batch_stream("shuffle", n, 0, bs, 1):
                 yield t[torch.from_numpy(idx)]
         runs.append(bench.measure(stream(), step=lambda b: None, warmup=3, samples=samples,
                                   time_cap_s=max(30.0, 3 * args.seconds)))
