@@ -101,7 +101,13 @@ class OomGuard:
         device = self.loader.device
         if device is None or device.type != "cuda" or self._batch_length == 0:
             return
-        peak = torch.cuda.max_memory_allocated(device) - self._allocated_before
+        # Memory the step left allocated (optimizer state made by the first step, gradients kept
+        # until the next zero_grad, ...) is not a per-step cost: every later plan's free-memory
+        # probe already sees it as used.  Counting it would inflate the fit — on the slope when
+        # the two batch sizes seen are close (say 256 and an epoch's tail of 250, the first
+        # step's Adam state / 6 per sample) — and collapse the re-planned "auto" size.
+        after = torch.cuda.memory_allocated(device)
+        peak = torch.cuda.max_memory_allocated(device) - max(self._allocated_before, after)
         self.loader.cost_model.observe(self._batch_length, max(0, peak))
 
 
@@ -151,3 +157,7 @@ def accumulate(loader: "DataLoader", global_batch_size: int) -> Iterator[Step]:
         if iterator.position < start + size:  # the caller left the step early
             return
         start += size
+    # Every step was taken: the epoch is over, as after a plain loop's StopIteration, so
+    # state_dict() points at the next epoch (not at the end of this one, which a resume would
+    # replay as an empty epoch).  Also ends the read-ahead past a drop_last tail.
+    iterator.close()

@@ -6,7 +6,12 @@ slot.  With ``R = prefetch_depth + 2`` slots and the copy of batch ``k + 1`` iss
 ``k + prefetch_depth + 1`` is drawn.  So a device batch stays valid until ``prefetch_depth + 1``
 more batches have been drawn.  Each rewrite first waits (on the copy stream) for an event the
 consumer's stream recorded when the slot was released, so GPU work queued on the old batch
-finishes before its bytes change.
+finishes before its bytes change.  Two things keep that true beyond one uninterrupted epoch:
+the ring, not the epoch iterator, keeps the handed-out slots (``DeviceRing.handed``), so draws
+count across epochs, breaks and resumes (the last ``prefetch_depth + 1`` batches of an epoch
+are released by the next epoch's draws, never skipped); and a slot copied into but never
+handed out (its batch was dropped by a rollback or a break) is the next one copied into, so
+the slots in use stay the ``prefetch_depth + 1`` just before the ring's cursor.
 
 Set ``GPULOADER_POISON=1`` (or :data:`POISON` = True) to fill every recycled slot with a poison
 value (NaN for floats, the dtype's max for integers, True for bools) before it is reused, so a
@@ -16,8 +21,9 @@ from __future__ import annotations
 
 import functools
 import os
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional
+from typing import Any, Deque, Dict, List, Mapping, Optional
 
 import numpy as np
 import torch
@@ -140,16 +146,22 @@ class DeviceRing:
     """
 
     def __init__(self, fields: Mapping[str, FieldSpec], capacity: int, slots: int,
-                 device: torch.device, *, reuse: bool = True) -> None:
+                 device: torch.device, *, reuse: bool = True, cuda: Any = None) -> None:
+        # ``cuda``: the torch.cuda namespace (Stream, stream, Event, current_stream); tests
+        # pass a recording stand-in to check the event logic without a GPU.
+        self._cuda = torch.cuda if cuda is None else cuda
         self.device = device
         self.fields = dict(fields)
         self.reuse = reuse
-        self.stream = torch.cuda.Stream(device=device)
+        self.stream = self._cuda.Stream(device=device)
         self.slots: List[DeviceSlot] = (
             [DeviceSlot(allocate(fields, capacity, device=device)) for _ in range(slots)]
             if reuse else []
         )
         self._next = 0
+        #: Slots handed out and not yet released, oldest first (NOTE(slot-lifetime)).
+        self.handed: Deque[DeviceSlot] = deque()
+        self._unhanded: Optional[DeviceSlot] = None  # copied into, not handed out yet
 
     def copy_in(self, host: HostSlot, rows: int) -> DeviceSlot:
         """Issue an asynchronous copy of ``rows`` rows of ``host`` into the next slot.
@@ -158,11 +170,19 @@ class DeviceRing:
         ``copied`` event is set so readers do not overwrite it too early.
         """
         if self.reuse:
-            slot = self.slots[self._next]
-            self._next = (self._next + 1) % len(self.slots)
+            if self._unhanded is not None:
+                slot = self._unhanded  # its batch was dropped (rollback, break): reuse it
+            else:
+                slot = self.slots[self._next]
+                self._next = (self._next + 1) % len(self.slots)
+            self._unhanded = slot
         else:
-            slot = DeviceSlot(allocate(self.fields, rows, device=self.device))
-        with torch.cuda.stream(self.stream):
+            # Allocated on the copy stream, which writes it: a block from the consumer stream's
+            # pool may still be in use by that stream's queued kernels, which the copy would
+            # not wait for.  hand_out's record_stream then covers the consumer's use.
+            with self._cuda.stream(self.stream):
+                slot = DeviceSlot(allocate(self.fields, rows, device=self.device))
+        with self._cuda.stream(self.stream):
             if slot.released is not None:
                 self.stream.wait_event(slot.released)
                 slot.released = None
@@ -170,7 +190,7 @@ class DeviceRing:
                 poison_(slot.tensors)
             for name, src in host.tensors.items():
                 slot.tensors[name][:rows].copy_(src[:rows], non_blocking=True)
-            event = torch.cuda.Event()
+            event = self._cuda.Event()
             event.record(self.stream)
         slot.used = True
         slot.rows = rows
@@ -180,7 +200,9 @@ class DeviceRing:
 
     def hand_out(self, slot: DeviceSlot) -> Dict[str, torch.Tensor]:
         """Make the consumer's current stream wait for ``slot``'s copy; return row views."""
-        current = torch.cuda.current_stream(self.device)
+        current = self._cuda.current_stream(self.device)
+        if slot is self._unhanded:
+            self._unhanded = None
         if slot.ready is not None:
             current.wait_event(slot.ready)
         views = row_views(slot.tensors, slot.rows)
@@ -194,9 +216,15 @@ class DeviceRing:
     def release(self, slot: DeviceSlot) -> None:
         """Record that work queued so far on the consumer stream is all that uses ``slot``."""
         if self.reuse:
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(self.device))
+            event = self._cuda.Event()
+            event.record(self._cuda.current_stream(self.device))
             slot.released = event
+
+    def close(self) -> None:
+        """Wait for copies still queued on the copy stream (a read-ahead batch nobody drew):
+        once the slots are freed, the consumer stream's allocator may hand their memory out
+        again, and nothing would order the pending copy before the new owner's kernels."""
+        self.stream.synchronize()
 
     @property
     def nbytes(self) -> int:

@@ -80,7 +80,6 @@ class FastEpochIterator(EpochCursor):
         self._boundaries = boundaries
         self._planned = start
         self._pending: Deque[_Pending] = deque()
-        self._handed: Deque[DeviceSlot] = deque()
         self._seq = 0
 
     @property
@@ -144,9 +143,16 @@ class FastEpochIterator(EpochCursor):
         if not self._pending:
             self.finished = True
             raise StopIteration
-        entry = self._pending.popleft()
+        entry = self._pending[0]
         started = time.perf_counter()
-        self.res.pool.result(entry.seq)
+        try:
+            self.res.pool.result(entry.seq)
+        except Exception:
+            self._pending.popleft()  # a failed read is consumed, as in torch
+            raise
+        # Popped only now: after an interrupt (KeyboardInterrupt) while waiting, the same
+        # iterator's next call still delivers this batch instead of skipping it.
+        self._pending.popleft()
         waited = time.perf_counter() - started
         tensors = self._to_device(entry) if self.res.device_ring is not None else entry.tensors
         self.position = entry.start + entry.length
@@ -185,11 +191,14 @@ class FastEpochIterator(EpochCursor):
         if entry.dslot is None:
             entry.dslot = ring.copy_in(entry.host, entry.length)
         tensors = ring.hand_out(entry.dslot)
-        self._handed.append(entry.dslot)
         # NOTE(slot-lifetime) in buffers.py: release the slot of the batch drawn
-        # prefetch_depth + 1 draws ago, then start the next copy so it overlaps the step.
-        if len(self._handed) > self.res.prefetch_depth + 1:
-            ring.release(self._handed.popleft())
+        # prefetch_depth + 1 draws ago (counted by the ring, across epochs), then start the
+        # next copy so it overlaps the step.  Fresh tensors (reuse_buffers=False) are the
+        # caller's: nothing to release, and holding them would keep freed batches alive.
+        if ring.reuse:
+            ring.handed.append(entry.dslot)
+            if len(ring.handed) > self.res.prefetch_depth + 1:
+                ring.release(ring.handed.popleft())
         if self._pending and self.res.pool.done(self._pending[0].seq):
             nxt = self._pending[0]
             nxt.dslot = ring.copy_in(nxt.host, nxt.length)

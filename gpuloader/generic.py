@@ -155,6 +155,7 @@ class GenericEpochIterator(EpochCursor):
         self._it: Optional[Iterator[Any]] = torch_iter
         self._replay: Deque[Any] = deque()
         self._kept: Deque[Tuple[int, Any]] = deque()
+        self._rolled_back = False  # an out-of-memory rollback happened in this epoch
         # Dropping this iterator drops torch's, whose own __del__ stops its workers (as after a
         # break with torch's DataLoader); EpochCursor.__del__ tells the loader where it stopped.
 
@@ -171,6 +172,15 @@ class GenericEpochIterator(EpochCursor):
                 self.finished = True
                 self._kept.clear()
                 raise
+            controller = self.loader._controller
+            if self._rolled_back and controller is not None and \
+                    batch_length(batch) > controller.current:
+                # Formed before a rollback shrank the size (torch's workers read ahead):
+                # deliver it in pieces of the current size rather than fail on it again.
+                # (Only after a rollback: a collate whose dim 0 is not the sample axis is
+                # never cut otherwise.)
+                batch, *rest = split_batch(batch, controller.current)
+                self._replay.extendleft(reversed(rest))
         waited = time.perf_counter() - started
         n = batch_length(batch)
         keep_from = self.loader._step_start if self.loader._step_start is not None \
@@ -189,11 +199,14 @@ class GenericEpochIterator(EpochCursor):
         """Re-deliver the kept batches from ``position`` on, split to the current size."""
         size = self.loader._controller.current if self.loader._controller else 1
         pieces: List[Any] = []
-        kept = [(s, b) for s, b in self._kept if s >= position]
-        for _, batch in kept:
+        kept = [b for s, b in self._kept if s >= position]
+        # Pieces still queued from an earlier rollback were cut at the older, larger size:
+        # cut them again, or each would fail once more.
+        for batch in kept + list(self._replay):
             pieces.extend(split_batch(batch, size))
         self._kept = deque((s, b) for s, b in self._kept if s < position)
-        self._replay.extendleft(reversed(pieces))
+        self._replay = deque(pieces)
+        self._rolled_back = True
         self.position = position
         self.finished = False
 

@@ -336,12 +336,14 @@ class DataLoader(tud.DataLoader[T_co]):
                 self._pool.drain()  # reads of an epoch whose iterator was dropped mid-way
             self._abandoned = None
             epoch, start = self._epoch, self._resume_position
-            self._epoch, self._resume_position = epoch + 1, 0
             iterator: Union[FastEpochIterator, GenericEpochIterator]
             if self._view is not None:
                 iterator = self._fast_iterator(epoch, start, step)
             else:
                 iterator = self._generic_iterator(epoch, start, step)
+            # Only once the epoch really started: if starting it raised (a state that does not
+            # fit, a dataset error while replaying up to ``start``), the loaded state stays.
+            self._epoch, self._resume_position = epoch + 1, 0
             # The iterator holds its loader; the loader only refers to it weakly, so dropping
             # the iterator (break) ends the epoch's workers as in torch (NOTE(no-cycles)).
             iterator.on_abandon = self._note_abandoned
@@ -426,6 +428,8 @@ class DataLoader(tud.DataLoader[T_co]):
         if res is not None and res.host_ring is not None and capacity is not None and \
                 capacity > res.host_ring.slots[0].capacity:
             # A batch sampler's batches outgrew the staging rings: replace them (rare).
+            if res.device_ring is not None:
+                res.device_ring.close()
             res.host_ring = HostRing(res.fields, capacity, self.prefetch_depth + 2, pin=True)
             res.device_ring = DeviceRing(res.fields, capacity, self.prefetch_depth + 2,
                                          self.device, reuse=self.reuse_buffers)
@@ -522,6 +526,18 @@ class DataLoader(tud.DataLoader[T_co]):
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise ArgumentError(f"state must be a dict from gpuloader.DataLoader.state_dict() "
                                 f"(version {STATE_VERSION}); got {describe(state)}")
+        missing = [k for k in ("seed", "epoch", "position", "order", "world_size")
+                   if k not in state]
+        if missing:
+            raise ArgumentError(f"state is missing {', '.join(map(repr, missing))}; pass the "
+                                "dict gpuloader.DataLoader.state_dict() returned")
+        # Checked here, not at the next iteration: a negative or fractional position would
+        # silently skip or garble samples there.
+        for key in ("epoch", "position"):
+            _check_count(f"state[{key!r}]", state[key], 0, "an int >= 0")
+        seed = state["seed"]
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+            raise ArgumentTypeError(f"state['seed'] must be an int or None; got {describe(seed)}")
         if state["world_size"] != self.world.world_size:
             raise ArgumentError(
                 f"state was saved with world_size={state['world_size']} but this loader runs "
@@ -602,6 +618,9 @@ class DataLoader(tud.DataLoader[T_co]):
                 self._active = None
             if self._pool is not None:
                 self._pool.close()
+            res = self._resources
+            if res is not None and res.device_ring is not None:
+                res.device_ring.close()  # no copy may still be writing into freed slots
             iterator = getattr(self, "_iterator", None)
             if iterator is not None and hasattr(iterator, "_shutdown_workers"):
                 iterator._shutdown_workers()

@@ -16,7 +16,7 @@ import multiprocessing as mp
 import pickle
 import queue
 import time
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Set, Tuple
 
 import numpy as np
 import torch
@@ -46,8 +46,13 @@ def _portable(exc: BaseException) -> BaseException:
         return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
-def _serve(source: Source, slots: List[Dict[str, torch.Tensor]], jobs: Any, done: Any) -> None:
-    """Worker process loop: read (seq, slot, indices) jobs until a None arrives."""
+def _serve(shared: List[Any]) -> None:
+    """Worker process loop: read (seq, slot, indices) jobs until a None arrives.
+
+    ``shared`` is ``[source, slots, jobs, done]``: one list, which the parent's ``close()``
+    empties, so its Process objects stop holding the shared memory and queues (NOTE(no-leaks)).
+    """
+    source, slots, jobs, done = shared
     torch.set_num_threads(1)  # the parent's compute threads need the cores
     while True:
         job = jobs.get()
@@ -83,13 +88,15 @@ class ProcessReaderPool:
             for t in slot.values():
                 t.share_memory_()
         self._free = list(range(slots))
-        self._jobs = ctx.Queue()
-        self._done_q = ctx.Queue()
+        self._jobs: Any = ctx.Queue()
+        self._done_q: Any = ctx.Queue()
         self._waiting: Dict[int, Tuple[ReadJob, int]] = {}
         self._done: Dict[int, Tuple[Optional[BaseException], float]] = {}
+        self._filled: Set[int] = set()  # finished jobs already copied out of their slots
+        self._shared: List[Any] = [source, self._slots, self._jobs, self._done_q]
         self._procs = [ctx.Process(target=_serve, name=f"gpuloader-reader-proc-{i}",
-                                   args=(source, self._slots, self._jobs, self._done_q),
-                                   daemon=True) for i in range(max(1, processes))]
+                                   args=(self._shared,), daemon=True)
+                       for i in range(max(1, processes))]
         for p in self._procs:
             p.start()
         self._closed = False
@@ -115,9 +122,26 @@ class ProcessReaderPool:
                 return
 
     def done(self, seq: int) -> bool:
-        """True when job ``seq`` has finished; never blocks."""
+        """True when job ``seq`` has finished *and its rows are in the job's buffers*, as with
+        ReaderPool: the fast path starts the device copy out of them on this signal.  Never
+        blocks (the copy out of the slot happens here, once)."""
         self._collect(block=False)
-        return seq in self._done
+        if seq not in self._done:
+            return False
+        self._fill(seq)
+        return True
+
+    def _fill(self, seq: int) -> None:
+        """Copy finished job ``seq``'s rows out of its shared-memory slot (once)."""
+        if seq in self._filled:
+            return
+        error, _ = self._done[seq]
+        job, slot = self._waiting[seq]
+        if error is None:
+            rows = len(job.indices)
+            for name, out in job.out.items():
+                np.copyto(out, self._slots[slot][name][:rows].numpy())
+        self._filled.add(seq)
 
     def result(self, seq: int) -> ReadJob:
         """Wait for job ``seq``, copy its rows out of the slot, re-raise its error if any."""
@@ -127,28 +151,30 @@ class ProcessReaderPool:
                 raise RuntimeError(f"gpuloader: reader process(es) {', '.join(dead)} exited "
                                    "unexpectedly (killed, or out of memory?)")
             self._collect(block=True)
-        error, _ = self._done.pop(seq)
-        job, slot = self._waiting.pop(seq)
         try:
-            if error is not None:
-                error.add_note(f"gpuloader: raised in a reader process while reading sample "
-                               f"indices {describe_indices(job.indices)}")
-                raise error
-            rows = len(job.indices)
-            for name, out in job.out.items():
-                np.copyto(out, self._slots[slot][name][:rows].numpy())
-            return job
+            self._fill(seq)
         finally:
+            error, _ = self._done.pop(seq)
+            job, slot = self._waiting.pop(seq)
+            self._filled.discard(seq)
             self._free.append(slot)
+        if error is not None:
+            error.add_note(f"gpuloader: raised in a reader process while reading sample "
+                           f"indices {describe_indices(job.indices)}")
+            raise error
+        return job
 
     def drain(self) -> None:
-        """Wait for every job in flight and forget their results."""
+        """Wait for every job in flight and forget their results.  A job held by a worker that
+        died never comes back: once any worker is dead, stop waiting (the pool is broken;
+        ``result`` reports it) rather than hang ``close()`` on the way out of the error."""
         while self._waiting and not self._closed:
             seqs = list(self._waiting)
             for seq in seqs:
-                while seq not in self._done and any(p.is_alive() for p in self._procs):
+                while seq not in self._done and all(p.is_alive() for p in self._procs):
                     self._collect(block=True)
                 self._done.pop(seq, None)
+                self._filled.discard(seq)
                 _, slot = self._waiting.pop(seq)
                 self._free.append(slot)
 
@@ -164,13 +190,21 @@ class ProcessReaderPool:
             if p.is_alive():
                 p.terminate()
                 p.join()
+            p.close()  # its sentinel fd
         for q in (self._jobs, self._done_q):
             q.close()
             q.join_thread()
         self._waiting.clear()
         self._done.clear()
+        self._filled.clear()
+        # NOTE(no-leaks): release the shared-memory slots, the queues' pipes and semaphores now,
+        # not when the loader is collected: "nothing outlives close()".  The Process objects
+        # hold ``_shared`` among their args, so it is emptied in place.
+        self._shared.clear()
+        self._slots = []
+        self._jobs = self._done_q = None
 
     @property
     def alive(self) -> bool:
         """True while any worker process runs."""
-        return any(p.is_alive() for p in self._procs)
+        return not self._closed and any(p.is_alive() for p in self._procs)

@@ -89,8 +89,16 @@ class ReaderPool:
                     self._cond.release()
                     try:
                         outcome = self._read(job)
-                    finally:
+                    except BaseException:
+                        # Interrupted mid-read (KeyboardInterrupt): put the job back unread, or
+                        # drain() would wait for it forever (close() hangs) and a later
+                        # result() for it would never return.
                         self._cond.acquire()
+                        self._running -= 1
+                        self._queue.appendleft(job)
+                        self._cond.notify_all()
+                        raise
+                    self._cond.acquire()
                     self._record(job, *outcome)
                     continue
                 self._cond.wait(_POLL_S)
@@ -142,7 +150,11 @@ class ReaderPool:
                     return
                 job = self._queue.popleft()
                 self._running += 1
-            outcome = self._read(job)
+            try:
+                outcome = self._read(job)
+            except BaseException as exc:  # SystemExit from a source: a thread would end
+                # silently, leaving its job neither done nor queued (result()/drain() hang).
+                outcome = (exc, f"reader thread {threading.current_thread().name}")
             with self._cond:
                 self._record(job, *outcome)
 

@@ -79,6 +79,9 @@ class SizeController:
         self._growing_from = None
         if predicted is not None and predicted >= self.floor:
             new = min(new, predicted)
+        # Never larger than now: a batch formed before an earlier shrink (torch's workers read
+        # ahead on the generic path) can fail at a size far above the current one.
+        new = min(new, self.current)
         self.current = round_size(max(self.floor, new), self.floor)
         self._bad = failed if self._bad is None else min(self._bad, failed)
         self._free_at_failure = self._free_bytes() if self._free_bytes else 0

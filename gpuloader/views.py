@@ -24,7 +24,7 @@ class ArrayView:
     source: Source
     index_map: Optional[np.ndarray]
     named: bool
-    owner: Any  # the ArrayDataset that owns ``source`` (closed with the loader)
+    owner: Any  # an ArrayDataset the loader made itself (closed with it), else None
 
     @property
     def fields(self) -> Dict[str, FieldSpec]:
@@ -92,7 +92,8 @@ def array_view(dataset: Any) -> Optional[ArrayView]:
     if isinstance(dataset, ArrayDataset):
         if not _fetches_like(dataset, ArrayDataset):
             return None
-        return ArrayView(dataset.source, None, dataset.named, dataset)
+        # The caller owns its dataset (other loaders may share it): close() leaves it open.
+        return ArrayView(dataset.source, None, dataset.named, None)
     if isinstance(dataset, tud.TensorDataset):
         if not dataset.tensors or not _fetches_like(dataset, tud.TensorDataset) or \
                 not all(_readable(t) for t in dataset.tensors):

@@ -152,6 +152,29 @@ def test_controller_cooldown_doubles_after_a_failed_growth():
     assert controller.current == 32  # back to the size that worked
 
 
+def test_an_oom_never_grows_the_size():
+    controller = SizeController(128, floor=1)
+    controller.on_oom(128)
+    controller.on_oom(64)
+    assert controller.current == 32
+    controller.on_oom(128)  # a batch formed before the shrinks fails late
+    assert controller.current == 32
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_generic_path_recovers_from_oom_without_failing_on_stale_sizes(num_workers):
+    # torch's workers read batches ahead at the old size, and a rollback's pieces are cut at
+    # the size of that moment: all must come at the current size, or each fails once more
+    # (and its failure must not grow the size back).
+    n = 4000
+    device = Capacity(limit=20)
+    with gl.DataLoader(OpaqueDataset(n), batch_size=128, num_workers=num_workers) as loader:
+        seen = trained_indices(loader, device.step)
+    assert sorted(seen) == list(range(n))
+    # 128 -> 64 -> 32 -> 16, then a few growth attempts with doubling cooldowns
+    assert device.ooms <= 8
+
+
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_accumulate_steps_have_exactly_the_global_batch(drop_last):
     n, global_batch = 1000, 96
@@ -171,6 +194,37 @@ def test_accumulate_steps_have_exactly_the_global_batch(drop_last):
     expected = [global_batch] * (n // global_batch) + ([] if drop_last else [n % global_batch])
     assert sizes == expected
     assert len(set(seen)) == len(seen) == sum(expected)
+
+
+class OpaqueDataset(torch.utils.data.Dataset):
+    """Not an array dataset: takes the generic path (torch's sampler and collate)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        return {"y": i}
+
+
+@pytest.mark.parametrize("generic", [False, True])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_state_after_a_full_accumulate_epoch_points_at_the_next_epoch(drop_last, generic):
+    n, global_batch = 100, 32
+    ds = OpaqueDataset(n) if generic else make_dataset(n)
+    with gl.DataLoader(ds, batch_size=8, shuffle=True, seed=0, drop_last=drop_last) as loader:
+        for step in loader.accumulate(global_batch):
+            for _ in step:
+                pass
+        state = loader.state_dict()
+    assert (state["epoch"], state["position"]) == (1, 0)  # as after a plain loop's epoch
+    with gl.DataLoader(ds, batch_size=8, shuffle=True, seed=0, drop_last=drop_last) as resumed:
+        resumed.load_state_dict(state)
+        steps = [sum(1 for _ in step) for step in resumed.accumulate(global_batch)]
+        # epoch 1, not an empty epoch 0
+        assert len(steps) == (n // global_batch if drop_last else -(-n // global_batch))
 
 
 def test_accumulate_oom_with_optimizer_restarts_the_step():

@@ -62,6 +62,22 @@ def test_device_batch_stays_valid_for_prefetch_depth_plus_one_draws():
         assert torch.equal(first["y"], expected)
 
 
+def test_work_queued_on_an_epochs_last_batch_is_not_overwritten_by_the_next_epoch():
+    # NOTE(slot-lifetime): the copy stream must wait for the consumer stream before rewriting
+    # a slot, also when the slot's batch was one of the previous epoch's last ones.
+    depth, size, n = 1, 50, 200
+    with gl.DataLoader(make_dataset(n), batch_size=size, device="cuda",
+                       prefetch_depth=depth) as loader:
+        last = list(loader)[-1]
+        torch.cuda._sleep(int(2e8))  # ~0.1 s of GPU time queued on the consumer stream ...
+        snapshot = last["y"].clone()  # ... before this read of the batch
+        it = iter(loader)
+        for _ in range(depth + 1):  # the next epoch's copies reach the batch's slot
+            next(it)
+        torch.cuda.synchronize()
+        assert torch.equal(snapshot.cpu(), torch.arange(n - size, n))
+
+
 def test_poison_reveals_use_after_recycle(monkeypatch):
     monkeypatch.setattr(buffers, "POISON", True)
     depth = 1
@@ -113,3 +129,21 @@ def test_real_out_of_memory_is_survived_with_nothing_lost():
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, 0)
         torch.cuda.empty_cache()
+
+
+def test_learned_step_cost_ignores_memory_the_first_step_keeps():
+    # Adam's state (2 x 4 MiB here) is created inside the first guarded step and kept: it is
+    # not a per-sample cost.  Sizes 64 then 60 (the epoch's tail): counting it would put
+    # ~8 MiB / 4 = 2 MiB on each sample, next to a true cost of a few KiB.
+    width = 1024
+    ds = gl.ArrayDataset(x=np.ones((124, width), dtype=np.float32), y=np.arange(124))
+    model = torch.nn.Linear(width, width).cuda()
+    opt = torch.optim.Adam(model.parameters())
+    with gl.DataLoader(ds, batch_size=64, device="cuda") as loader:
+        for batch in loader:
+            with loader.oom_guard(opt):
+                model(batch["x"]).square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+        assert loader.cost_model.has_fit
+        assert loader.cost_model.per_sample < 1 << 20  # half what the kept state would add

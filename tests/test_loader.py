@@ -142,6 +142,37 @@ def test_load_state_refuses_another_world_size():
             loader.load_state_dict(state)
 
 
+@pytest.mark.parametrize("change, error, match", [
+    ({"position": -5}, ArgumentError, r"state\['position'\] must be an int >= 0; got -5"),
+    ({"position": 3.7}, ArgumentTypeError, r"state\['position'\] must be an int >= 0; got 3.7"),
+    ({"epoch": -1}, ArgumentError, r"state\['epoch'\] must be an int >= 0; got -1"),
+    ({"seed": "abc"}, ArgumentTypeError, r"state\['seed'\] must be an int or None; got 'abc'"),
+])
+def test_load_state_refuses_bad_values_when_loading_not_later(change, error, match):
+    with gl.DataLoader(make_dataset(), batch_size=10, shuffle=True, seed=0) as loader:
+        with pytest.raises(error, match=match):
+            loader.load_state_dict(dict(loader.state_dict(), **change))
+
+
+def test_a_state_that_fails_to_start_is_kept_not_skipped():
+    with gl.DataLoader(make_dataset(), batch_size=10, shuffle=True, seed=0) as loader:
+        state = dict(loader.state_dict(), position=N + 1)  # saved with a larger dataset
+        loader.load_state_dict(state)
+        with pytest.raises(ArgumentError, match=f"position {N + 1} is beyond"):
+            iter(loader)
+        assert (loader.state_dict()["epoch"], loader.state_dict()["position"]) == (0, N + 1)
+        with pytest.raises(ArgumentError, match="is beyond"):
+            iter(loader)  # not silently the next epoch
+
+
+def test_load_state_names_missing_keys():
+    with gl.DataLoader(make_dataset(), batch_size=10) as loader:
+        state = loader.state_dict()
+        del state["world_size"]
+        with pytest.raises(ArgumentError, match="state is missing 'world_size'"):
+            loader.load_state_dict(state)
+
+
 def test_close_stops_reader_threads_and_is_idempotent():
     loader = gl.DataLoader(wide_dataset(), batch_size=8, reader_threads=3)
     next(iter(loader))
@@ -278,3 +309,155 @@ def test_cpu_batches_are_the_callers_to_keep():
     with gl.DataLoader(make_dataset(), batch_size=10, device="cpu") as loader:
         batches = list(loader)
     assert torch.equal(torch.cat([b["y"] for b in batches]), torch.arange(N))
+
+
+class ExitingSource(ExplodingSource):
+    """Reading index 13 calls sys.exit() (SystemExit ends a thread without a trace)."""
+
+    def read_into(self, indices, out):
+        if 13 in indices:
+            raise SystemExit(3)
+        self.inner.read_into(indices, out)
+
+
+def test_a_reader_thread_killed_by_system_exit_does_not_hang_the_consumer():
+    from gpuloader.readers import ReaderPool, ReadJob
+    from gpuloader.stats import LoaderStats
+
+    source = ExitingSource(make_dataset().source)
+    pool = ReaderPool(source, 1, LoaderStats())
+    indices = np.arange(10, 15, dtype=np.int64)
+    out = {name: np.zeros((5, *spec.shape), spec.dtype) for name, spec in source.fields.items()}
+    outcome = []
+
+    def consume():
+        try:
+            pool.result(1)
+        except BaseException as exc:  # noqa: B902 - the SystemExit is the point
+            outcome.append(exc)
+
+    try:
+        pool.submit(ReadJob(1, indices, out))
+        while pool._queue:  # the reader thread took it (so the consumer cannot steal it)
+            threading.Event().wait(0.01)
+        consumer = threading.Thread(target=consume, daemon=True)
+        consumer.start()
+        consumer.join(10)
+        assert not consumer.is_alive(), "the consumer waits forever for the dead thread's job"
+    finally:
+        pool.close()
+    assert isinstance(outcome[0], SystemExit)
+    assert "10, 11, 12, 13, 14" in "\n".join(outcome[0].__notes__)
+
+
+class InterruptOnceSource:
+    """Wraps a source: the first read in the consumer (main) thread raises KeyboardInterrupt;
+    reads in reader threads wait for ``release`` first."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.fields = inner.fields
+        self.release = threading.Event()
+        self.interrupted = False
+
+    def __len__(self):
+        return len(self.inner)
+
+    def read_into(self, indices, out):
+        if threading.current_thread() is threading.main_thread():
+            if not self.interrupted:
+                self.interrupted = True
+                raise KeyboardInterrupt
+        else:
+            self.release.wait(10)
+        self.inner.read_into(indices, out)
+
+
+def test_an_interrupt_while_the_consumer_reads_a_batch_loses_nothing_and_hangs_nothing():
+    # NOTE(work-stealing): the waiting consumer reads queued jobs itself.  A Ctrl-C during such
+    # a read must leave the pool consistent: the job is read again on request, and drain()
+    # (what close() and the next epoch do) returns.
+    from gpuloader.readers import ReaderPool, ReadJob
+    from gpuloader.stats import LoaderStats
+
+    source = InterruptOnceSource(make_dataset().source)
+    pool = ReaderPool(source, 1, LoaderStats())
+
+    def job(seq, start):
+        indices = np.arange(start, start + 5, dtype=np.int64)
+        return ReadJob(seq, indices, {name: np.zeros((5, *spec.shape), spec.dtype)
+                                      for name, spec in source.fields.items()})
+
+    try:
+        pool.submit(job(1, 0))  # the reader thread takes it and waits for release
+        while pool._queue:
+            threading.Event().wait(0.01)
+        pool.submit(job(2, 5))
+        with pytest.raises(KeyboardInterrupt):
+            pool.result(2)  # the consumer steals job 2 and is interrupted in it
+        source.release.set()
+        waiter = threading.Thread(target=lambda: (pool.result(2), pool.result(1), pool.drain()),
+                                  daemon=True)
+        waiter.start()
+        waiter.join(10)
+        assert not waiter.is_alive(), "the interrupted job was lost: result()/drain() hang"
+    finally:
+        source.release.set()
+        pool.close()
+
+
+class SlowThreadsSource:
+    """Wraps a source: reader threads read slowly, so the waiting consumer steals jobs; its first
+    read raises KeyboardInterrupt (Ctrl-C in a notebook)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.fields = inner.fields
+        self.chunk_length = inner.chunk_length
+        self.interrupts = 0
+
+    def __len__(self):
+        return len(self.inner)
+
+    def read_into(self, indices, out):
+        if threading.current_thread() is threading.main_thread():
+            if self.interrupts == 0:
+                self.interrupts += 1
+                raise KeyboardInterrupt
+        else:
+            threading.Event().wait(0.02)
+        self.inner.read_into(indices, out)
+
+    def close(self):
+        self.inner.close()
+
+
+def test_iteration_continued_after_an_interrupt_delivers_every_sample_once():
+    ds = gl.ArrayDataset.from_source(SlowThreadsSource(wide_dataset(96).source))
+    seen = []
+    with gl.DataLoader(ds, batch_size=8, reader_threads=1, prefetch_depth=3) as loader:
+        it = iter(loader)
+        while True:
+            try:
+                batch = next(it)
+            except KeyboardInterrupt:
+                continue  # the user goes on with the same iterator
+            except StopIteration:
+                break
+            seen.extend(batch["y"].tolist())
+        assert loader.dataset.source.interrupts == 1
+    assert sorted(seen) == list(range(96))
+
+
+def test_closing_one_loader_leaves_a_shared_dataset_usable(tmp_path):
+    path = tmp_path / "x.npy"
+    np.save(path, np.arange(400, dtype=np.int64).reshape(100, 4))
+    ds = gl.open_dataset(path)
+    first = gl.DataLoader(ds, batch_size=10)
+    second = gl.DataLoader(ds, batch_size=10)
+    it = iter(second)
+    next(it)
+    first.close()
+    rest = torch.cat([b["x"][:, 0] for b in it])
+    assert rest.tolist() == list(range(40, 400, 4))
+    second.close()

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import signal
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -92,4 +96,95 @@ def test_errors_in_processes_reach_the_consumer_with_type_and_indices(gzip_file)
         with pytest.raises(OSError, match="corrupt chunk near row 0") as info:
             next(iter(loader))
     assert "reader process" in "\n".join(info.value.__notes__)
+    assert reader_processes() == []
+
+
+def job_buffers(source, rows: int) -> dict:
+    return {name: np.zeros((rows, *spec.shape), spec.dtype) for name, spec in
+            source.fields.items()}
+
+
+def test_done_means_the_rows_are_in_the_jobs_buffers(gzip_file):
+    # The CUDA fast path starts the device copy out of a job's (pinned) buffers as soon as
+    # done(seq) is True, before result(seq): the rows must be there by then, not still in the
+    # pool's shared-memory slot.
+    from gpuloader.readers import ReadJob
+    from gpuloader.stats import LoaderStats
+
+    source = gl.open_dataset(gzip_file).source
+    pool = ProcessReaderPool(source, source.fields, 300, 3, 1, LoaderStats())
+    try:
+        indices = np.arange(100, 300, dtype=np.int64)
+        out = job_buffers(source, len(indices))
+        pool.submit(ReadJob(1, indices, out))
+        deadline = time.monotonic() + 30
+        while not pool.done(1):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        np.testing.assert_array_equal(out["y"], indices)  # before result()
+        assert pool.result(1).out is out
+        np.testing.assert_array_equal(out["y"], indices)
+    finally:
+        pool.close()
+
+
+def shared_memory_mappings() -> int:
+    with open("/proc/self/maps") as maps:
+        return sum("/dev/shm/" in line for line in maps)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc")
+def test_close_releases_shared_memory_and_fds_while_the_loader_lives(gzip_file):
+    ds = gl.open_dataset(gzip_file)
+    mappings, fds = shared_memory_mappings(), open_fds()
+    loader = gl.DataLoader(ds, batch_size=256, num_workers=2)
+    for _ in loader:
+        pass
+    assert isinstance(loader._pool, ProcessReaderPool)
+    assert shared_memory_mappings() > mappings
+    loader.close()
+    assert shared_memory_mappings() == mappings
+    assert open_fds() <= fds
+    assert not loader._pool.alive
+
+
+class StuckSource(BrokenSource):
+    """A picklable source whose reads hang (a dead network mount) after noting their pid."""
+
+    def __init__(self, inner, pidfile):
+        super().__init__(inner)
+        self.pidfile = str(pidfile)
+
+    def read_into(self, indices, out):
+        with open(self.pidfile, "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(120)
+
+
+def test_a_killed_reader_process_is_reported_and_drain_does_not_hang(gzip_file, tmp_path):
+    from gpuloader.readers import ReadJob
+    from gpuloader.stats import LoaderStats
+
+    source = StuckSource(gl.open_dataset(gzip_file).source, tmp_path / "pid")
+    pool = ProcessReaderPool(source, source.fields, 8, 3, 2, LoaderStats())
+    try:
+        pool.submit(ReadJob(1, np.arange(4, dtype=np.int64), job_buffers(source, 4)))
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "pid").exists() or not (tmp_path / "pid").read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        os.kill(int((tmp_path / "pid").read_text()), signal.SIGKILL)  # the OOM killer, say
+        with pytest.raises(RuntimeError, match="exited unexpectedly"):
+            pool.result(1)
+        # What loader.close() does on the way out of that error: it must return.
+        drainer = threading.Thread(target=pool.drain, daemon=True)
+        drainer.start()
+        drainer.join(10)
+        assert not drainer.is_alive(), "drain() waits forever for the dead worker's job"
+    finally:
+        pool.close()
     assert reader_processes() == []
