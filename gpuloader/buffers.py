@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import os
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Deque, Dict, List, Mapping, Optional
 
 import numpy as np
@@ -136,7 +136,6 @@ class DeviceSlot:
     released: Optional["torch.cuda.Event"] = None   # consumer stream done with the old batch
     used: bool = False
     rows: int = 0
-    extra: Dict[str, object] = field(default_factory=dict)
 
 
 class DeviceRing:

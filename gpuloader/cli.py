@@ -20,7 +20,6 @@ from gpuloader.cliargs import positive_int
 __all__ = ["main", "build_parser"]
 
 PROG = "gpuloader"
-COMMANDS = ("demo", "train", "inspect", "convert", "probe", "bench")
 
 
 def _version() -> str:

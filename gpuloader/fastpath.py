@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, Optional
 
 import numpy as np
@@ -64,7 +64,6 @@ class _Pending:
     tensors: Dict[str, torch.Tensor]
     host: Optional[HostSlot] = None
     dslot: Optional[DeviceSlot] = None
-    meta: Dict[str, Any] = field(default_factory=dict)
 
 
 class FastEpochIterator(EpochCursor):

@@ -16,7 +16,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Deque, Dict, Optional, Tuple
+from typing import Callable, Deque, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -28,12 +28,11 @@ _POLL_S = 0.1  # how often a waiting consumer re-checks that the pool is still o
 
 @dataclass
 class ReadJob:
-    """Read ``indices`` into ``out`` (numpy views of a buffer); ``payload`` rides along."""
+    """Read ``indices`` into ``out`` (numpy views of a buffer)."""
 
     seq: int
     indices: np.ndarray
     out: Dict[str, np.ndarray]
-    payload: Any = None
     before: Optional[Callable[[], None]] = None  # run by the reader first (e.g. wait for a slot)
 
 
