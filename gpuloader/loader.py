@@ -147,6 +147,11 @@ class DataLoader(tud.DataLoader[T_co]):
         if auto and batch_sampler is not None:
             raise ArgumentError('batch_size="auto" is mutually exclusive with batch_sampler; '
                                 "pass one or the other")
+        if auto and isinstance(dataset, tud.IterableDataset):
+            raise ArgumentError(f'batch_size="auto" needs a map-style dataset (it sizes batches '
+                                f"from a sample's bytes and the dataset's length); got the "
+                                f"IterableDataset {type(dataset).__name__}: pass an int "
+                                "batch_size")
         if order is not None:
             check_order(order)
             if shuffle and order == "sequential":

@@ -461,3 +461,12 @@ def test_closing_one_loader_leaves_a_shared_dataset_usable(tmp_path):
     rest = torch.cat([b["x"][:, 0] for b in it])
     assert rest.tolist() == list(range(40, 400, 4))
     second.close()
+
+
+def test_auto_batch_size_on_an_iterable_dataset_is_a_clear_error():
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(range(10))
+
+    with pytest.raises(ArgumentError, match='batch_size="auto" needs a map-style dataset.*Stream'):
+        gl.DataLoader(Stream(), batch_size="auto")
