@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import numpy as np
 
 from gpuloader.cliargs import non_negative_int, positive_int, positive_ints
+from gpuloader.stats import rates
 
 __all__ = ["DemoData", "cache_root", "demo_data", "add_arguments", "main"]
 
@@ -233,15 +234,15 @@ class _Result:
 
     @property
     def samples_per_s(self) -> float:
-        return self.samples / max(self.elapsed_s, 1e-9)
+        return rates(self.samples, self.bytes, self.elapsed_s).samples_per_s
 
     @property
     def gb_per_s(self) -> float:
-        return self.bytes / max(self.elapsed_s, 1e-9) / 1e9
+        return rates(self.samples, self.bytes, self.elapsed_s).gb_per_s
 
     @property
     def stall(self) -> float:
-        return min(1.0, self.wait_s / max(self.elapsed_s, 1e-9))
+        return rates(self.samples, self.bytes, self.elapsed_s, self.wait_s).stall_fraction
 
 
 def _loss_window(losses: List[float]) -> Tuple[float, float]:

@@ -25,6 +25,7 @@ from gpuloader import adaptive
 from gpuloader.buffers import DeviceRing, HostRing
 from gpuloader.devices import DeviceArg, resolve_device
 from gpuloader.errors import ArgumentError, ArgumentTypeError, describe
+from gpuloader.epoch import EpochCursor
 from gpuloader.fastpath import INLINE_BATCH_BYTES, FastEpochIterator, FastResources
 from gpuloader.generic import (GenericEpochIterator, OrderSampler, SizedBatchSampler,
                                sample_nbytes_of)
@@ -93,15 +94,14 @@ def _weak_method(method: Any) -> Any:
     return call
 
 
-class _StoppedEpoch:
+class _StoppedEpoch(EpochCursor):
     """What is left of an epoch whose iterator was dropped before its end (NOTE(no-cycles)):
-    plain numbers, enough for ``state_dict()`` and for ``oom_guard`` to roll back its last
-    batch.  Nothing is re-delivered from it; ``iter(loader)`` starts the next epoch."""
+    its cursor, enough for ``state_dict()`` and for ``oom_guard`` to roll back its last batch.
+    Nothing is re-delivered from it; ``iter(loader)`` starts the next epoch."""
 
     def __init__(self, epoch: int, position: int, last_start: int, last_length: int) -> None:
-        self.epoch, self.position = epoch, position
+        super().__init__(epoch, position)
         self.last_start, self.last_length = last_start, last_length
-        self.finished = False
 
     def rewind(self, position: int) -> None:
         self.position = position

@@ -8,7 +8,24 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Dict, List
+from typing import Dict, List, NamedTuple
+
+_MIN_ELAPSED_S = 1e-9  # keeps rates finite for windows too short to time
+
+
+class Rates(NamedTuple):
+    """Throughput over one window: samples/s, GB/s (1e9 bytes) and the share of the window
+    the consumer waited for data (0 to 1)."""
+
+    samples_per_s: float
+    gb_per_s: float
+    stall_fraction: float
+
+
+def rates(samples: int, nbytes: int, elapsed_s: float, wait_s: float = 0.0) -> Rates:
+    """The one place loader, training, demo and benchmark figures are derived from counts."""
+    elapsed = max(elapsed_s, _MIN_ELAPSED_S)
+    return Rates(samples / elapsed, nbytes / elapsed / 1e9, min(1.0, wait_s / elapsed))
 
 
 class LoaderStats:
@@ -63,7 +80,8 @@ class LoaderStats:
 
     def snapshot(self) -> Dict[str, object]:
         """A plain dict of every counter plus derived rates (safe to JSON-encode)."""
-        elapsed = max(time.perf_counter() - self._started, 1e-9)
+        elapsed = max(time.perf_counter() - self._started, _MIN_ELAPSED_S)
+        rate = rates(self.samples, self.bytes, elapsed, self.wait_s)
         return {
             "samples": self.samples,
             "batches": self.batches,
@@ -72,9 +90,9 @@ class LoaderStats:
             "wait_s": self.wait_s,
             "read_s": self.read_s,
             "copy_s": self.copy_s,
-            "stall_fraction": min(1.0, self.wait_s / elapsed),
-            "samples_per_s": self.samples / elapsed,
-            "gb_per_s": self.bytes / elapsed / 1e9,
+            "stall_fraction": rate.stall_fraction,
+            "samples_per_s": rate.samples_per_s,
+            "gb_per_s": rate.gb_per_s,
             "batch_sizes": list(self.batch_sizes),
             "oom_count": self.oom_count,
             "rolled_back_samples": self.rolled_back_samples,

@@ -34,6 +34,7 @@ from torch import nn
 
 from gpuloader.config import Config, ConfigError, dump, load
 from gpuloader.errors import GpuLoaderError
+from gpuloader.stats import rates
 
 __all__ = ["run", "make_optimizer", "make_loss", "prepare_targets", "CHECKPOINT", "METRICS"]
 
@@ -445,17 +446,17 @@ class _Run:
 
     def epoch_record(self, epoch: int) -> Dict[str, Any]:
         s = self.sums
-        elapsed = max(s.elapsed_s, 1e-9)
+        rate = rates(s.samples, s.bytes, s.elapsed_s, s.wait_s)
         record: Dict[str, Any] = {
             "epoch": epoch + 1,
             "loss": s.loss_sum / max(1, s.samples),
             "samples": s.samples,
             "step": s.steps,
-            "samples_per_s": s.samples / elapsed,
-            "gb_per_s": s.bytes / elapsed / 1e9,
+            "samples_per_s": rate.samples_per_s,
+            "gb_per_s": rate.gb_per_s,
             "batch_size": self.loader.batch_size,
             "batch_sizes": list(s.batch_sizes),
-            "stall_fraction": min(1.0, s.wait_s / elapsed),
+            "stall_fraction": rate.stall_fraction,
             "oom_count": s.oom_count,
             "elapsed_s": s.elapsed_s,
             "device": str(self.device),

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from gpuloader.errors import ArgumentError, describe
+from gpuloader.stats import rates
 
 #: ``(ready, step)`` as :func:`make_step` returns them.
 Steps = Tuple[Callable[[Any], None], Callable[[Any], None]]
@@ -29,15 +30,15 @@ class Measurement:
 
     @property
     def samples_per_s(self) -> float:
-        return self.samples / max(self.elapsed_s, 1e-9)
+        return rates(self.samples, self.nbytes, self.elapsed_s).samples_per_s
 
     @property
     def gb_per_s(self) -> float:
-        return self.nbytes / max(self.elapsed_s, 1e-9) / 1e9
+        return rates(self.samples, self.nbytes, self.elapsed_s).gb_per_s
 
     @property
     def stall_fraction(self) -> float:
-        return min(1.0, self.wait_s / max(self.elapsed_s, 1e-9))
+        return rates(self.samples, self.nbytes, self.elapsed_s, self.wait_s).stall_fraction
 
 
 def leaves(batch: Any) -> Iterator[Any]:
