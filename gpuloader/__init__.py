@@ -1,6 +1,6 @@
 """gpuloader: feed PyTorch training from .npy / HDF5 data larger than the GPU.
 
-Public API (see README.md): ``DataLoader``, ``ArrayDataset``, ``open_dataset``,
+Public API (see README.md): ``DataLoader``, ``ArrayDataset``, ``Ragged``, ``open_dataset``,
 ``memory_info``/``MemoryInfo``, and the error classes.  ``gpuloader.bench``, ``gpuloader.config``
 and ``gpuloader.train`` are imported on first use.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from gpuloader.dataset import ArrayDataset, open_dataset
+from gpuloader.dataset import ArrayDataset, Ragged, open_dataset
 from gpuloader.errors import (ConfigError, DeviceError, FieldNotFoundError, GpuLoaderError,
                               SourceError, SourceNotFoundError)
 from gpuloader.loader import DataLoader
@@ -25,6 +25,7 @@ __all__ = [
     "FieldNotFoundError",
     "GpuLoaderError",
     "MemoryInfo",
+    "Ragged",
     "SourceError",
     "SourceNotFoundError",
     "__version__",

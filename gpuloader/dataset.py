@@ -19,13 +19,36 @@ from gpuloader.errors import (ArgumentError, ArgumentTypeError, FieldNotFoundErr
                               SampleIndexError, SourceError, SourceNotFoundError, describe)
 from gpuloader.sources.arrays import ArraysSource
 from gpuloader.sources.base import FieldSpec, Source, check_field_names
-from gpuloader.sources.hdf5 import Hdf5Source, is_hdf5_file
-from gpuloader.sources.npy import NpySource
+from gpuloader.sources.binidx import is_binidx
+from gpuloader.sources.discover import open_source
+from gpuloader.sources.ragged import RaggedSource, SpanColumn, check_offsets, ragged_names
 
 Sample = Union[Tuple[torch.Tensor, ...], Dict[str, torch.Tensor]]
 
-#: File name endings read as HDF5 (other files are sniffed for the HDF5 signature).
-HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5")
+
+
+class Ragged:
+    """A variable-length field held in RAM: ``Ragged(values, offsets)``.
+
+    Sample ``i`` is ``values[offsets[i]:offsets[i + 1]]``.  ``values``: a numpy array or CPU
+    tensor, tokens first (any per-token shape after).  ``offsets``: integers, ``n + 1``
+    entries, ``offsets[0] == 0``, non-decreasing, ``offsets[-1] == len(values)``; anything
+    else is a ValueError naming "offsets" and the first bad index.  Pass it to ArrayDataset
+    like any array: ``ArrayDataset(tokens=Ragged(values, offsets), y=labels)``.
+    """
+
+    def __init__(self, values: Any, offsets: Any) -> None:
+        arrays = ArraysSource({"values": values})
+        if isinstance(offsets, torch.Tensor):
+            offsets = offsets.detach().cpu().numpy()
+        self.offsets = check_offsets(offsets, len(arrays), "Ragged")
+        self.column = SpanColumn(arrays, self.offsets[:-1], np.diff(self.offsets), kind="ram")
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __repr__(self) -> str:
+        return f"Ragged({len(self)} samples, {int(self.offsets[-1])} values)"
 
 
 def _torch_dtype(name: str, spec: FieldSpec) -> torch.dtype:
@@ -63,6 +86,12 @@ class ArrayDataset(torch.utils.data.Dataset):
                 "ArrayDataset(x=x, y=y)")
         named = bool(named_arrays)
         values = named_arrays if named else {str(i): a for i, a in enumerate(arrays)}
+        columns = {str(k): v.column for k, v in values.items() if isinstance(v, Ragged)}
+        if columns:
+            rest = {str(k): v for k, v in values.items() if not isinstance(v, Ragged)}
+            fixed = ArraysSource(rest) if rest else None
+            self._setup(RaggedSource(columns, fixed, [str(k) for k in values]), named=named)
+            return
         only = next(iter(values.values()))
         if len(values) == 1 and isinstance(only, Source) and len(only.fields) > 1:
             if named:
@@ -89,6 +118,32 @@ class ArrayDataset(torch.utils.data.Dataset):
         self._named = named
         self._fields: Dict[str, FieldSpec] = dict(source.fields)
         self._torch_dtypes = {n: _torch_dtype(n, s) for n, s in self._fields.items()}
+        self._ragged = ragged_names(self._fields)
+
+    @property
+    def ragged_fields(self) -> List[str]:
+        """Names of the variable-length fields (empty for fixed-size datasets)."""
+        return list(self._ragged)
+
+    def lengths(self, name: Optional[str] = None) -> np.ndarray:
+        """Per-sample lengths (int64, read-only) of ragged field ``name``.
+
+        ``name`` may be left out when the dataset has exactly one ragged field.
+        """
+        if not self._ragged:
+            raise ArgumentError(
+                f"lengths: this dataset has no variable-length field (fields "
+                f"{list(self._fields)} are all fixed-size)")
+        if name is None:
+            if len(self._ragged) > 1:
+                raise ArgumentError(
+                    f"lengths: the dataset has ragged fields {self._ragged}; name one, e.g. "
+                    f"lengths({self._ragged[0]!r})")
+            name = self._ragged[0]
+        if name not in self._ragged:
+            raise FieldNotFoundError(
+                f"lengths: no ragged field {name!r}; ragged fields: {self._ragged}")
+        return self._source.lengths(name)  # type: ignore[attr-defined]
 
     @property
     def source(self) -> Source:
@@ -115,18 +170,21 @@ class ArrayDataset(torch.utils.data.Dataset):
                 f"ArrayDataset index must be an int, got {describe(index)}; for many samples "
                 f"use read_batch(indices) or __getitems__(indices)")
         i = self._normalize_one(operator.index(index))
-        tensors = self._empty(1)
-        self._source.read_into(np.array([i], dtype=np.int64), self._as_numpy(tensors))
-        return self.pack({n: t[0] for n, t in tensors.items()})
+        idx = np.array([i], dtype=np.int64)
+        tensors = self._empty(1, idx)
+        self._source.read_into(idx, self._as_numpy(tensors))
+        return self.pack({n: t if n in self._ragged else t[0] for n, t in tensors.items()})
 
     def __getitems__(self, indices: Sequence[int]) -> List[Sample]:
         """Samples ``indices`` as a list (torch's batched-fetch hook), read in one call.
 
         Each sample's tensors are views of one freshly read batch tensor per field.
         """
-        batch = self._read(indices)
+        idx = self._normalize(indices)
+        batch = self._read(idx)
         names = list(batch)
-        columns = [batch[n].unbind(0) for n in names]
+        columns = [self._split(idx, n, batch[n]) if n in self._ragged else batch[n].unbind(0)
+                   for n in names]
         if self._named:
             return [dict(zip(names, row)) for row in zip(*columns)]
         return [tuple(row) for row in zip(*columns)]
@@ -135,8 +193,14 @@ class ArrayDataset(torch.utils.data.Dataset):
         """Rows ``indices`` (any order, duplicates allowed) of every field, in one read.
 
         Returns a dict or tuple of tensors with ``len(indices)`` rows, owned by the caller.
+        Ragged fields come packed: their samples' values end to end (``lengths`` says where
+        each ends); the DataLoader pads them or adds offsets.
         """
         return self.pack(self._read(indices))
+
+    def _split(self, idx: np.ndarray, name: str, values: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        lengths = self._source.lengths(name)[idx]  # type: ignore[attr-defined]
+        return torch.split(values, lengths.tolist())
 
     def pack(self, arrays: Mapping[str, torch.Tensor]) -> Sample:
         """Arrange a field -> tensor mapping as this dataset's samples are (dict or tuple)."""
@@ -153,8 +217,9 @@ class ArrayDataset(torch.utils.data.Dataset):
         self._source.close()
 
     def __repr__(self) -> str:
-        listing = ", ".join(f"{n}: {np.dtype(s.dtype)}{list(s.shape)}"
-                            for n, s in self._fields.items())
+        listing = ", ".join(
+            f"{n}: {np.dtype(s.dtype)}[*]{list(s.shape) if s.shape else ''}" if s.ragged
+            else f"{n}: {np.dtype(s.dtype)}{list(s.shape)}" for n, s in self._fields.items())
         kind = "named" if self._named else "positional"
         return f"ArrayDataset({len(self)} samples, {kind}; {listing})"
 
@@ -188,8 +253,13 @@ class ArrayDataset(torch.utils.data.Dataset):
                 idx = np.where(idx < 0, idx + n, idx)
         return idx
 
-    def _empty(self, rows: int) -> Dict[str, torch.Tensor]:
-        return {n: torch.empty((rows, *s.shape), dtype=self._torch_dtypes[n])
+    def _empty(self, rows: int, idx: Optional[np.ndarray] = None) -> Dict[str, torch.Tensor]:
+        """Uninitialised tensors for ``rows`` samples (ragged fields: those of ``idx``)."""
+        def count(name: str) -> int:
+            if name not in self._ragged:
+                return rows
+            return int(self._source.lengths(name)[idx].sum())  # type: ignore[attr-defined]
+        return {n: torch.empty((count(n), *s.shape), dtype=self._torch_dtypes[n])
                 for n, s in self._fields.items()}
 
     @staticmethod
@@ -198,7 +268,7 @@ class ArrayDataset(torch.utils.data.Dataset):
 
     def _read(self, indices: Any) -> Dict[str, torch.Tensor]:
         idx = self._normalize(indices)
-        tensors = self._empty(len(idx))
+        tensors = self._empty(len(idx), idx)
         self._source.read_into(idx, self._as_numpy(tensors))
         return tensors
 
@@ -207,25 +277,21 @@ def open_dataset(path: Union[str, "os.PathLike[str]"], fields: Optional[Sequence
                  dtype: Any = None, shape: Optional[Sequence[int]] = None) -> ArrayDataset:
     """An ArrayDataset with dict samples over the file or folder at ``path``.
 
-    A folder: one field per ``*.npy`` file (named by stem, sorted).  A ``.npy`` file: one
-    field named by its stem.  ``.h5``/``.hdf5``/``.hdf`` or any file with the HDF5 signature:
+    A folder: one field per ``*.npy`` file (named by stem, sorted), and one ragged field NAME
+    per ``NAME.values.npy`` + ``NAME.offsets.npy`` pair.  A ``.npy`` file: one field named by
+    its stem.  A Megatron ``.bin``/``.idx`` pair (its prefix or either file): one ragged field
+    "tokens".  In HDF5, a group holding ``values`` and ``offsets`` is a ragged field named by
+    the group, and so is a 1-D variable-length dataset (slower).  ``.h5``/``.hdf5``/``.hdf`` or any file with the HDF5 signature:
     the top-level datasets (``fields`` may name nested ones, ``"grp/z"``).  Anything else is
     raw binary and needs ``dtype`` (``shape`` defaults to ``(-1,)``; one -1 is inferred).
     ``fields`` selects and orders the fields.
     """
     p = Path(os.fspath(path))
-    if not p.exists():
+    if not p.exists() and not is_binidx(p):
         raise SourceNotFoundError(
             f"open_dataset: path {str(p)!r} does not exist; expected a .npy file, a folder of "
-            f".npy files, an HDF5 file (.h5/.hdf5/.hdf) or a raw binary file with dtype=")
+            f".npy files, an HDF5 file (.h5/.hdf5/.hdf), a Megatron .bin/.idx prefix or a raw "
+            f"binary file with dtype=")
     if fields is not None:
         fields = check_field_names(fields, "open_dataset")  # existence: the source checks
-    if not p.is_dir() and (p.suffix.lower() in HDF5_SUFFIXES or is_hdf5_file(p)):
-        if dtype is not None or shape is not None:
-            raise ArgumentError(
-                f"open_dataset: dtype=/shape= apply to raw binary files only; {str(p)!r} is "
-                f"HDF5, whose datasets carry their own dtype and shape")
-        source: Source = Hdf5Source(p, fields)
-    else:
-        source = NpySource(p, fields, dtype=dtype, shape=shape)
-    return ArrayDataset.from_source(source, named=True)
+    return ArrayDataset.from_source(open_source(p, fields, dtype=dtype, shape=shape), named=True)

@@ -30,10 +30,15 @@ DEFAULT_BLOCK_BYTES = 4 << 20
 
 @dataclass(frozen=True)
 class FieldSpec:
-    """Type and per-sample shape of one field (the shape excludes the sample axis)."""
+    """Type and per-sample shape of one field (the shape excludes the sample axis).
+
+    ``ragged``: samples differ in length (see sources/ragged.py); ``shape`` is then the shape
+    of one token and ``sample_nbytes`` the bytes of one token.
+    """
 
     dtype: np.dtype
     shape: Tuple[int, ...]
+    ragged: bool = False
 
     @property
     def sample_nbytes(self) -> int:
