@@ -94,6 +94,10 @@ class HostSlot:
     copied: Optional["torch.cuda.Event"] = None
     used: bool = False
 
+    def writable(self) -> bool:
+        """True when writing now would not wait: no device copy out of this slot is pending."""
+        return self.copied is None or self.copied.query()
+
     def prepare_for_write(self) -> None:
         """Block until the previous device copy out of this slot finished; poison if enabled."""
         if self.copied is not None:

@@ -113,16 +113,17 @@ class FastEpochIterator(EpochCursor):
         res = self.res
         indices = self._indices(start, length)
         host: Optional[HostSlot] = None
-        before = None
+        before = ready = None
         if res.host_ring is not None:
             host = res.host_ring.take()
             tensors = row_views(host.tensors, length)
-            before = host.prepare_for_write
+            before, ready = host.prepare_for_write, host.writable
         else:
             tensors = allocate(res.fields, length, device=_CPU, pin=res.pin)
         self._seq += 1
         entry = _Pending(self._seq, start, length, tensors, host)
-        res.pool.submit(ReadJob(self._seq, indices, numpy_views(tensors, length), before=before))
+        res.pool.submit(ReadJob(self._seq, indices, numpy_views(tensors, length), before=before,
+                                ready=ready))
         self._pending.append(entry)
 
     def _fill(self) -> None:

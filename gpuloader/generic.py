@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Any, Deque, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Deque, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -21,8 +21,8 @@ from torch.utils.data import Sampler
 
 from gpuloader.epoch import EpochCursor
 from gpuloader.sizing import SizeController
+from gpuloader.streams import LEAF_TYPES as _LEAF
 
-_LEAF = (str, bytes, int, float, complex, bool, type(None))
 
 
 class OrderSampler(Sampler):
@@ -133,24 +133,14 @@ def split_batch(batch: Any, size: int) -> List[Any]:
     return [_slice(batch, n, lo, min(n, lo + size)) for lo in range(0, n, size)]
 
 
-def to_device(batch: Any, device: torch.device) -> Any:
-    """Every tensor of ``batch`` moved to ``device`` (asynchronously from pinned memory)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return type(batch)((k, to_device(v, device)) for k, v in batch.items())
-    if isinstance(batch, (list, tuple)) and not all(isinstance(x, _LEAF) for x in batch):
-        parts = [to_device(x, device) for x in batch]
-        return type(batch)(*parts) if hasattr(batch, "_fields") else type(batch)(parts)
-    return batch
-
-
 class GenericEpochIterator(EpochCursor):
     """One epoch of torch's iterator, with positions, telemetry and replay (see NOTE(replay))."""
 
-    def __init__(self, loader: Any, torch_iter: Iterator[Any], epoch: int, start: int) -> None:
+    def __init__(self, loader: Any, torch_iter: Iterator[Any], epoch: int, start: int, *,
+                 copy: Optional[Callable[[Any], Any]] = None) -> None:
         super().__init__(epoch, start)
         self.loader = loader
+        self._copy = copy  # CPU batch -> device batch (a StreamCopier); None keeps it on the CPU
         self.total = 0  # samples in the epoch when known (accumulate needs it)
         self._it: Optional[Iterator[Any]] = torch_iter
         self._replay: Deque[Any] = deque()
@@ -190,8 +180,7 @@ class GenericEpochIterator(EpochCursor):
         self._kept.append((self.position, batch))
         self.last_start, self.last_length = self.position, n
         self.position += n
-        device = self.loader.device
-        out = to_device(batch, device) if device is not None and device.type == "cuda" else batch
+        out = self._copy(batch) if self._copy is not None else batch
         self.loader._stats.add_delivery(n, _nbytes(batch), waited)
         return out
 

@@ -37,6 +37,7 @@ from gpuloader.processes import ProcessReaderPool, needs_processes
 from gpuloader.readers import ReaderPool
 from gpuloader.sizing import SizeController
 from gpuloader.stats import LoaderStats
+from gpuloader.streams import StreamCopier
 from gpuloader.views import ArrayView, array_view
 from gpuloader.world import World
 
@@ -188,7 +189,7 @@ class DataLoader(tud.DataLoader[T_co]):
         self.min_batch_size, self.max_batch_size = validate_batch_bounds(min_batch_size,
                                                                          max_batch_size)
         self.reuse_buffers = bool(reuse_buffers)
-        self.world = World.detect(bool(distributed))
+        self.world = World.detect(bool(distributed), device=self.device)
         self._stats = LoaderStats()
         self._lock = threading.RLock()
         self._epoch = 0
@@ -199,6 +200,7 @@ class DataLoader(tud.DataLoader[T_co]):
         self._closed = False
         self._pool: Optional[ReaderPool] = None
         self._resources: Optional[FastResources] = None
+        self._copier: Optional[StreamCopier] = None  # generic path to a CUDA device
         self.cost_model = CostModel()
         self._step_start: Optional[int] = None  # set by accumulate() while a step runs
         self._guarded_steps = 0  # successful oom_guard steps (NOTE(learned-cost))
@@ -394,7 +396,10 @@ class DataLoader(tud.DataLoader[T_co]):
         elif step is not None:
             raise ArgumentError("accumulate() needs gpuloader to form the batches; it cannot "
                                 "be combined with a user batch_sampler on this dataset")
-        iterator = GenericEpochIterator(self, super().__iter__(), epoch, start if sized else 0)
+        if self._copier is None and self.device is not None and self.device.type == "cuda":
+            self._copier = StreamCopier(self.device)
+        iterator = GenericEpochIterator(self, super().__iter__(), epoch, start if sized else 0,
+                                        copy=self._copier)
         if sized and hasattr(self.sampler, "__len__"):
             iterator.total = len(self.sampler)
         while iterator.position < start:  # deterministic samplers only: replay up to start

@@ -102,9 +102,8 @@ class ProcessReaderPool:
         self._closed = False
 
     def submit(self, job: ReadJob) -> None:
-        """Queue ``job`` into a free slot (see NOTE(process-slots))."""
-        if job.before is not None:
-            job.before()
+        """Queue ``job`` into a free slot (see NOTE(process-slots)).  Its ``before`` runs only
+        when the rows are copied out into its buffer (NOTE(no-gpu-wait-on-draw) in readers.py)."""
         slot = self._free.pop()
         self._waiting[job.seq] = (job, slot)
         self._jobs.put((job.seq, slot, job.indices))
@@ -124,9 +123,12 @@ class ProcessReaderPool:
     def done(self, seq: int) -> bool:
         """True when job ``seq`` has finished *and its rows are in the job's buffers*, as with
         ReaderPool: the fast path starts the device copy out of them on this signal.  Never
-        blocks (the copy out of the slot happens here, once)."""
+        blocks: while the job's buffer still feeds a device copy, it is not done yet (the copy
+        out of the slot happens here, once)."""
         self._collect(block=False)
         if seq not in self._done:
+            return False
+        if seq not in self._filled and not self._waiting[seq][0].is_ready():
             return False
         self._fill(seq)
         return True
@@ -137,6 +139,8 @@ class ProcessReaderPool:
             return
         error, _ = self._done[seq]
         job, slot = self._waiting[seq]
+        if job.before is not None:
+            job.before()  # the buffer's previous device copy must be over before we write it
         if error is None:
             rows = len(job.indices)
             for name, out in job.out.items():

@@ -6,9 +6,15 @@ condition that ``close()`` signals (so it returns promptly), and hand exceptions
 consumer with the indices that were being read.
 
 NOTE(work-stealing): while the consumer waits for a batch it reads queued jobs itself — its own
-batch if no reader has started it, else the next one queued.  When readers are starved of CPU
+batch if no reader has started it, else the next one queued that is ready.  When readers are starved of CPU
 (by the training step's threads or other processes) the pipeline then degrades to reading
 synchronously instead of sleeping on a preempted reader.
+
+NOTE(no-gpu-wait-on-draw): a job into a pinned host slot first waits (``before``) for the device
+copy out of that slot's previous batch, which can sit behind GPU work of steps long queued.
+Drawing a batch must not make that wait for another batch: the consumer steals only jobs whose
+``ready()`` says the wait is over, and the process pool (processes.py) writes a slot — and so
+waits — only when it copies a finished read out, never on submit.
 """
 from __future__ import annotations
 
@@ -34,6 +40,13 @@ class ReadJob:
     indices: np.ndarray
     out: Dict[str, np.ndarray]
     before: Optional[Callable[[], None]] = None  # run by the reader first (e.g. wait for a slot)
+    #: True when ``before`` would not block (the slot's last device copy finished); None: never
+    #: blocks.  The consumer only reads jobs that are ready (NOTE(no-gpu-wait-on-draw)).
+    ready: Optional[Callable[[], bool]] = None
+
+    def is_ready(self) -> bool:
+        """Whether ``before`` can run now without waiting for the GPU."""
+        return self.ready is None or self.ready()
 
 
 def describe_indices(indices: np.ndarray, limit: int = 8) -> str:
@@ -79,10 +92,8 @@ class ReaderPool:
             while seq not in self._done:
                 if self._stop:
                     raise RuntimeError("gpuloader: the reader pool was closed while waiting")
-                if self._queue:
-                    # Our job first if nobody started it, else the next queued one: either way
-                    # the consumer reads instead of sleeping while readers are starved.
-                    job = next((j for j in self._queue if j.seq == seq), self._queue[0])
+                job = self._job_to_steal(seq)
+                if job is not None:
                     self._queue.remove(job)
                     self._running += 1
                     self._cond.release()
@@ -107,6 +118,16 @@ class ReaderPool:
                            f"{describe_indices(job.indices)}")
             raise error
         return job
+
+    def _job_to_steal(self, seq: int) -> Optional[ReadJob]:
+        """Our job ``seq`` first if nobody started it, else the next queued job that is ready:
+        either way the consumer reads instead of sleeping while readers are starved.  Another
+        batch's job that would wait for the GPU is left to the readers (NOTE(no-gpu-wait-on-
+        draw)).  The caller holds ``_cond``."""
+        own = next((j for j in self._queue if j.seq == seq), None)
+        if own is not None:
+            return own
+        return next((j for j in self._queue if j.is_ready()), None)
 
     def done(self, seq: int) -> bool:
         """True when job ``seq`` has finished (successfully or not); never blocks."""

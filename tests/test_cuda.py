@@ -22,16 +22,55 @@ def make_dataset(n: int = N, width: int = 64) -> gl.ArrayDataset:
     return gl.ArrayDataset(x=x, y=np.arange(n, dtype=np.int64))
 
 
+def _busy_step(x: torch.Tensor) -> torch.Tensor:
+    """Queue GPU work that reads ``x`` late: a spin first, so a copy racing the step would
+    overwrite ``x`` before it is read.  No host sync."""
+    torch.cuda._sleep(int(2e6))
+    return x.clone()
+
+
 def test_device_batches_hold_the_right_rows_exactly_once():
+    # GPU clones of every batch, compared once at the end: a per-batch .tolist() would
+    # synchronise and hide a copy racing the step.
     ds = make_dataset()
     full = torch.from_numpy(np.arange(N * 64, dtype=np.float32).reshape(N, 64)).cuda()
-    seen = []
+    xs, ys = [], []
     with gl.DataLoader(ds, batch_size=128, shuffle=True, seed=0, device="cuda") as loader:
         for batch in loader:
-            assert batch["x"].is_cuda and batch["y"].is_cuda
-            assert torch.equal(batch["x"], full[batch["y"]])
-            seen.extend(batch["y"].tolist())
-    assert sorted(seen) == list(range(N))
+            xs.append(_busy_step(batch["x"]))
+            ys.append(_busy_step(batch["y"]))
+    x, y = torch.cat(xs), torch.cat(ys)
+    assert torch.equal(x, full[y])
+    assert torch.equal(torch.sort(y).values.cpu(), torch.arange(N))
+
+
+class _Rows(torch.utils.data.Dataset):
+    """No array view: the generic path (torch's sampler, collate), copied on a side stream."""
+
+    def __init__(self, x: np.ndarray) -> None:
+        self.x = x
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return {"x": torch.from_numpy(self.x[i]), "i": i}
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_generic_path_device_batches_are_right_without_host_syncs(num_workers):
+    x = np.arange(N * 64, dtype=np.float32).reshape(N, 64)
+    full = torch.from_numpy(x).cuda()
+    xs, ids = [], []
+    with gl.DataLoader(_Rows(x), batch_size=100, shuffle=True, seed=1, device="cuda",
+                       num_workers=num_workers) as loader:
+        for batch in loader:
+            assert batch["x"].is_cuda
+            xs.append(_busy_step(batch["x"]))
+            ids.append(_busy_step(batch["i"]))
+    got, i = torch.cat(xs), torch.cat(ids)
+    assert torch.equal(got, full[i])
+    assert torch.equal(torch.sort(i).values.cpu(), torch.arange(N))
 
 
 def test_steady_state_allocates_nothing_on_the_device():

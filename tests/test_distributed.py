@@ -14,6 +14,7 @@ import traceback
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Dict, List
 
 import numpy as np
@@ -395,3 +396,69 @@ def test_resume_with_another_world_size_is_refused(ranks):
     with gl.DataLoader(make_dataset(RESUME_N), batch_size=8, shuffle=True) as loader:
         with pytest.raises(ArgumentError, match=r"world_size=2 .* world_size=1"):
             loader.load_state_dict(state)
+
+
+# ------------------------------------------------------------------ control collectives (fake)
+# NOTE(control-collectives) in world.py, checked with a stand-in for torch.distributed: an NCCL
+# default group on a machine without GPUs.
+
+class FakeDist:
+    """The torch.distributed names World uses; records each all_reduce's device and group."""
+
+    class ReduceOp:
+        MIN, MAX = "MIN", "MAX"
+
+    def __init__(self, *, gloo: bool = True) -> None:
+        self.group = SimpleNamespace(WORLD=object())  # a fresh default group per stand-in
+        self.gloo = gloo
+        self.made: List[str] = []
+        self.reduced: List[tuple] = []
+
+    def is_available(self) -> bool:
+        return True
+
+    def is_initialized(self) -> bool:
+        return True
+
+    def get_rank(self) -> int:
+        return 1
+
+    def get_world_size(self) -> int:
+        return 2
+
+    def get_backend(self, group: Any = None) -> str:
+        return "nccl" if group is None else group
+
+    def is_gloo_available(self) -> bool:
+        return self.gloo
+
+    def new_group(self, backend: str) -> str:
+        self.made.append(backend)
+        return backend  # the group "is" its backend name, for get_backend
+
+    def all_reduce(self, t: torch.Tensor, op: str, group: Any = None) -> None:
+        self.reduced.append((t.device, group, op))
+
+
+def test_control_collectives_under_nccl_run_on_the_cpu_over_one_gloo_group():
+    fake = FakeDist()
+    worlds = [World.detect(True, device=torch.device("cuda", 1), dist=fake) for _ in range(2)]
+    assert fake.made == ["gloo"]  # one group per process, shared by every loader
+    assert worlds[0].device == torch.device("cuda", 1)
+    assert worlds[0].min(5) == 5 and worlds[1].any(True)
+    # No CUDA tensor: no pageable host-to-device copy, no .item() waiting for the GPU.
+    assert fake.reduced == [(torch.device("cpu"), "gloo", "MIN"),
+                            (torch.device("cpu"), "gloo", "MAX")]
+
+
+def test_nccl_without_gloo_reduces_on_the_loaders_device_not_the_current_one():
+    fake = FakeDist(gloo=False)
+    world = World.detect(True, device=torch.device("cuda", 1), dist=fake)
+    assert fake.made == [] and world.group is None
+    # torch.cuda.current_device() is 0 on every rank that did not call set_device.
+    assert world.collective_device == torch.device("cuda", 1)
+
+
+def test_loader_gives_its_device_to_the_world():
+    with gl.DataLoader(make_dataset(8), batch_size=2, device="cpu") as loader:
+        assert loader.world.device == torch.device("cpu")
