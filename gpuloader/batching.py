@@ -165,3 +165,32 @@ def padding_efficiency(lengths: np.ndarray, ends: np.ndarray, multiple: int = 1)
     padded = np.maximum(1, -(-longest // multiple) * multiple)
     real = float(lengths.sum())
     return real / float(((ends - starts) * padded).sum())
+
+
+def length_summary(lengths: np.ndarray) -> dict:
+    """count, total, mean, p50/p90/p99 and max of per-sample ``lengths``."""
+    if len(lengths) == 0:
+        return {"count": 0, "tokens": 0, "mean": 0.0, "p50": 0, "p90": 0, "p99": 0, "max": 0}
+    p50, p90, p99 = np.percentile(lengths, [50, 90, 99])
+    return {"count": int(len(lengths)), "tokens": int(lengths.sum()),
+            "mean": float(lengths.mean()), "p50": float(p50), "p90": float(p90),
+            "p99": float(p99), "max": int(lengths.max())}
+
+
+def plan_efficiency(lengths: np.ndarray, budget: TokenBudget, *, seed: int = 0,
+                    window: Optional[int] = None) -> dict:
+    """Padding efficiency a token budget reaches over ``lengths``: bucketed random order
+    (NOTE(length-buckets), epoch 0), storage order, and the batch count of each."""
+    from gpuloader.order import epoch_order
+
+    n = len(lengths)
+    order = epoch_order("shuffle", n, seed=seed, epoch=0)
+    window = window or default_bucket_window(lengths, budget)
+    new, ends = bucket(order, lengths, budget, window=window, seed=seed, epoch=0)
+    seq_ends = boundaries(lengths, budget)
+    return {"max_tokens": budget.max_tokens, "pad_to_multiple_of": budget.multiple,
+            "bucket_window": window,
+            "shuffle": padding_efficiency(lengths[new], ends, budget.multiple),
+            "shuffle_batches": int(len(ends)),
+            "sequential": padding_efficiency(lengths, seq_ends, budget.multiple),
+            "sequential_batches": int(len(seq_ends))}

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any, Dict, List, NoReturn, Optional, Sequence
 
 from gpuloader.cliargs import positive_int
@@ -120,23 +121,29 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         storage = dict(getattr(source, "storage", {}) or {})
         rows = len(ds)
         fields = []
+        ragged = _ragged_report(ds, args.max_tokens, args.pad_to_multiple_of)
         for name, spec in ds.fields.items():
             st = storage.get(name)
+            per_sample = spec.sample_nbytes
+            if name in ragged:  # per token; a sample's bytes vary
+                per_sample = int(round(spec.sample_nbytes * ragged[name]["lengths"]["mean"]))
             fields.append({
                 "name": name, "dtype": str(spec.dtype), "shape": list(spec.shape),
-                "sample_bytes": spec.sample_nbytes, "bytes": spec.sample_nbytes * rows,
+                "ragged": spec.ragged, "sample_bytes": per_sample,
+                "bytes": (spec.sample_nbytes * ragged[name]["lengths"]["tokens"]
+                          if name in ragged else per_sample * rows),
                 "format": getattr(st, "format", None), "layout": getattr(st, "layout", None),
                 "read_path": getattr(st, "read_path", None),
                 "chunk_rows": getattr(st, "chunk_rows", None),
                 "compression": getattr(st, "compression", None),
             })
-        auto = _auto_batch(ds, args.device)
+        auto = None if ragged else _auto_batch(ds, args.device)
     finally:
         ds.close()
     per_sample = sum(f["sample_bytes"] for f in fields)
     report = {"path": os.path.abspath(args.path), "rows": rows, "sample_bytes": per_sample,
               "bytes": per_sample * rows, "chunk_length": int(getattr(source, "chunk_length", 0)),
-              "fields": fields, "auto": auto}
+              "fields": fields, "auto": auto, "ragged": ragged}
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -151,7 +158,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
                       f"{f['chunk_rows']:,}" if f["chunk_rows"] else "-",
                       f["compression"] or "none", f["read_path"] or "-"])
     print(_table(table))
-    print(f"bytes: {_bytes(report['bytes'])} ({per_sample:,} per sample)")
+    print(f"bytes: {_bytes(report['bytes'])} ({per_sample:,} per sample"
+          f"{' on average' if ragged else ''})")
+    for name, info in ragged.items():
+        _print_ragged(name, info, next(f for f in fields if f["name"] == name))
+    if auto is None:
+        return 0
     note = ""
     if auto["capped"]:
         note = ("; capped by the 1 GiB staging limit that applies while the training step's "
@@ -164,10 +176,67 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_text_source(args: argparse.Namespace) -> bool:
+    """Text -> tokens: a JSON-lines file, --text-key/--glob, or a folder holding no .npy."""
+    src = Path(args.src)
+    if args.text_key is not None or args.glob is not None:
+        return True
+    if src.is_file():
+        return src.suffix.lower() in (".jsonl", ".json")
+    return src.is_dir() and not any(src.glob("*.npy"))
+
+
+def _ragged_report(ds: Any, max_tokens: Optional[int], multiple: int) -> Dict[str, Any]:
+    """Per ragged field: length distribution and, with max_tokens, padding efficiency."""
+    from gpuloader.batching import TokenBudget, length_summary, plan_efficiency
+
+    out: Dict[str, Any] = {}
+    for name in ds.ragged_fields:
+        lengths = ds.lengths(name)
+        info: Dict[str, Any] = {"lengths": length_summary(lengths)}
+        if max_tokens is not None:
+            info["padding"] = plan_efficiency(lengths, TokenBudget(max_tokens, multiple))
+        out[name] = info
+    return out
+
+
+def _print_ragged(name: str, info: Dict[str, Any], field: Dict[str, Any]) -> None:
+    s = info["lengths"]
+    print(f"{name} (ragged) lengths: count {s['count']:,}, mean {s['mean']:,.1f}, "
+          f"p50 {s['p50']:,.0f}, p90 {s['p90']:,.0f}, p99 {s['p99']:,.0f}, max {s['max']:,}; "
+          f"{s['tokens']:,} tokens")
+    if field["layout"] == "vlen":
+        print(f"  note: {name} is an HDF5 variable-length dataset; h5py reads it element by "
+              f"element, much slower than a values/offsets group (gpuloader convert writes one)")
+    pad = info.get("padding")
+    if pad:
+        print(f"  max_tokens={pad['max_tokens']:,} (pad_to_multiple_of "
+              f"{pad['pad_to_multiple_of']}): padding efficiency {pad['shuffle']:.3f} "
+              f"shuffled with length buckets ({pad['shuffle_batches']:,} batches, window "
+              f"{pad['bucket_window']:,}), {pad['sequential']:.3f} in storage order "
+              f"({pad['sequential_batches']:,} batches)")
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from gpuloader.convert import convert
+    from gpuloader.ragged_convert import convert_ragged, output_kind, text_to_tokens
+    from gpuloader.sources.discover import has_ragged_layout
 
     compression = None if args.compression in (None, "none") else args.compression
+    if _is_text_source(args):
+        done = text_to_tokens(args.src, args.dst, text_key=args.text_key,
+                              glob=args.glob or "**/*", overwrite=args.overwrite)
+        print(f"wrote {done['dst']}.bin/.idx: {done['documents']:,} documents, "
+              f"{done['tokens']:,} byte-level tokens (uint8)")
+        return 0
+    if output_kind(args.dst) == "megatron" or has_ragged_layout(args.src):
+        done = convert_ragged(args.src, args.dst, fields=_names(args.fields),
+                              compression=compression, overwrite=args.overwrite)
+        names = ", ".join(f"{k} {v['dtype']}{'[*]' if v['ragged'] else tuple(v['shape'])}"
+                          for k, v in done["fields"].items())
+        print(f"wrote {done['dst']} ({done['format']}): {done['rows']:,} samples ({names}); "
+              f"tokens: {', '.join(f'{k} {v:,}' for k, v in done['tokens'].items())}")
+        return 0
     summary = convert(args.src, args.dst, fields=_names(args.fields), chunk_rows=args.chunk_rows,
                       compression=compression, overwrite=args.overwrite,
                       progress=not args.quiet)
@@ -305,20 +374,37 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", parents=[debug], help="describe a dataset",
                        description="Fields, dtypes, shapes, rows, bytes, HDF5 chunking and "
-                       "compression, and the batch size 'auto' would pick here.")
-    p.add_argument("path", help=".npy file, folder of .npy files, or HDF5 file")
+                       "compression, and the batch size 'auto' would pick here; for ragged "
+                       "fields the length distribution and the padding efficiency a token "
+                       "budget (--max-tokens) reaches.")
+    p.add_argument("path", help=".npy file, folder of .npy files, HDF5 file or Megatron "
+                                "prefix (.bin/.idx)")
     p.add_argument("--fields", nargs="+", metavar="FIELD", help="only these fields")
     p.add_argument("--device", default="auto",
                    help="device the auto batch size is planned for (default auto)")
+    p.add_argument("--max-tokens", type=positive_int, default=None, metavar="N",
+                   help="ragged fields: the padding efficiency this token budget reaches")
+    p.add_argument("--pad-to-multiple-of", type=positive_int, default=1, metavar="M",
+                   help="with --max-tokens: padded lengths round up to a multiple of M")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_inspect)
 
-    p = sub.add_parser("convert", parents=[debug], help="folder of .npy <-> HDF5, streaming",
+    p = sub.add_parser("convert", parents=[debug], help="folder of .npy <-> HDF5, text -> "
+                       "tokens, ragged formats; streaming",
                        description="Copy fields between a folder of .npy files (or one .npy) "
-                       "and an HDF5 file (.h5/.hdf5), in blocks of rows.")
-    p.add_argument("src", help="source: folder of .npy, .npy file, or HDF5 file")
-    p.add_argument("dst", help="destination: name it .h5/.hdf5 for HDF5, otherwise a folder "
-                              "of .npy files is written")
+                       "and an HDF5 file (.h5/.hdf5), in blocks of rows.  Text (a folder of "
+                       "text files, one document each, or a JSON-lines file, one per line) "
+                       "becomes a byte-level Megatron .bin/.idx token dataset.  Datasets with "
+                       "ragged fields convert between Megatron (.bin/.idx), folders "
+                       "(NAME.values.npy + NAME.offsets.npy) and HDF5 (values/offsets groups).")
+    p.add_argument("src", help="source: folder of .npy, .npy file, HDF5 file, Megatron prefix, "
+                              "folder of text files or JSON-lines file")
+    p.add_argument("dst", help="destination: .h5/.hdf5 for HDF5, .bin/.idx for Megatron, "
+                              "otherwise a folder of .npy files")
+    p.add_argument("--text-key", default=None, metavar="KEY",
+                   help="JSON-lines input: the key holding each document's text (default text)")
+    p.add_argument("--glob", default=None, metavar="PATTERN",
+                   help="folder of text files: which files are documents (default **/*)")
     p.add_argument("--chunk-rows", type=positive_int, default=None, metavar="N",
                    help="rows per HDF5 chunk (default: about 1 MiB of rows)")
     p.add_argument("--compression", choices=("gzip", "lzf", "none"), default="none",

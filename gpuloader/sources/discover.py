@@ -123,3 +123,20 @@ def _open_hdf5(path: Path, fields: Optional[Sequence[str]]) -> Source:
     fixed = Hdf5Source(path, fixed_keys) if fixed_keys else None
     order = keys if fields is not None else None
     return _combine(columns, fixed, order, f"HDF5 file {str(path)!r}")
+
+
+def has_ragged_layout(path: PathLike) -> bool:
+    """True when ``path`` holds a ragged field by layout (cheap: names and HDF5 metadata)."""
+    p = Path(os.fspath(path))
+    if is_binidx(p):
+        return True
+    if p.is_dir():
+        return any(p.glob("*.values.npy")) or any(p.glob("*.offsets.npy"))
+    if p.is_file() and is_hdf5_file(p):
+        with h5py.File(p, "r") as h5:
+            for obj in h5.values():
+                if isinstance(obj, h5py.Group) and _ragged_group(obj):
+                    return True
+                if isinstance(obj, h5py.Dataset) and h5py.check_vlen_dtype(obj.dtype) is not None:
+                    return True
+    return False
