@@ -459,7 +459,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        code = getattr(exc, "exit_code", None)  # train's TrainingInterrupted: checkpoint saved
+        if code is not None:
+            print(f"{PROG}: {exc}", file=sys.stderr)
+            return int(code)
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     except (GpuLoaderError, FileNotFoundError, NotADirectoryError, IsADirectoryError,

@@ -12,6 +12,17 @@ The schema (every section but ``data`` is optional; missing keys take the defaul
              checkpoint_every: 0, max_steps: null}
     output: runs/<config file stem>
 
+NOTE(config-global-batch): memory decides micro-batches, never what the model learns.  With
+``loader.batch_size: auto`` and no ``train.global_batch_size``, the global batch is
+DEFAULT_GLOBAL_BATCH (256) samples per optimizer step, accumulated over micro-batches as large
+as memory allows; the resolved config records it.  (Left to itself, auto fills the memory, which
+on a CPU can be the whole training split: one optimizer step per epoch.)
+
+NOTE(config-model-path): a config naming its own model (``model.name: mynets:make``) finds
+``mynets.py`` beside the config file from any working directory: ``load`` puts the current
+directory and then the config's folder on ``sys.path`` (after the script's folder), so a module
+in the current directory still comes first.
+
 NOTE(config-paths): ``data.path`` and ``output`` may use ``~`` and environment variables:
 ``$NAME``, ``${NAME}`` and ``${NAME:-default}`` (the default is used when NAME is unset or empty,
 and may itself start with ``~``).  An unset variable without a default is an error.  After
@@ -31,6 +42,7 @@ import json
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -61,6 +73,8 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 #: Loss names accepted by ``train.loss``.
 LOSSES = ("cross_entropy", "mse", "bce_with_logits")
 _ORDERS = ("sequential", "shuffle", "block")
+#: Samples per optimizer step when ``loader.batch_size`` is auto (NOTE(config-global-batch)).
+DEFAULT_GLOBAL_BATCH = 256
 _SECTIONS = ("data", "loader", "model", "train", "output")
 
 
@@ -662,6 +676,19 @@ def _one_line(exc: BaseException) -> str:
 # entry points
 
 
+def _importable_from(folder: str) -> None:
+    """Put the current directory, then ``folder``, on ``sys.path`` (NOTE(config-model-path))."""
+    entries = [os.path.abspath(p or os.curdir) for p in sys.path]
+    at = 1 if sys.path else 0
+    for path in (os.getcwd(), os.path.abspath(folder)):
+        if path in entries:
+            at = max(at, entries.index(path) + 1)
+            continue
+        sys.path.insert(at, path)
+        entries.insert(at, path)
+        at += 1
+
+
 def from_dict(raw: Any, overrides: Iterable[str] = (), *, default_output: str = "runs/default",
               check_data: bool = True, base_dir: Optional[str] = None,
               source: str = "config") -> Config:
@@ -669,6 +696,8 @@ def from_dict(raw: Any, overrides: Iterable[str] = (), *, default_output: str = 
     ``base_dir`` (the config file's folder) only improves the message for a missing path;
     ``source`` names the config in a message about its top level."""
     tree = apply_overrides(raw, overrides)
+    if base_dir is not None:
+        _importable_from(base_dir)
     c = _Checker(base_dir)
     if raw is not None and not isinstance(raw, Mapping):
         raise _problem([f"{source}: expected a mapping with sections {', '.join(_SECTIONS)}, "
@@ -683,6 +712,8 @@ def from_dict(raw: Any, overrides: Iterable[str] = (), *, default_output: str = 
         c.add("output", f"is a file, expected a directory: {output}")
     if c.problems or data is None or model is None or output is None:
         raise _problem(c.problems or ["config: invalid"])
+    if loader.batch_size == "auto" and train.global_batch_size is None:
+        train = dataclasses.replace(train, global_batch_size=DEFAULT_GLOBAL_BATCH)
     cfg = Config(data=data, loader=loader, model=model, train=train, output=output)
     if check_data:
         cfg = _check_data(c, cfg)

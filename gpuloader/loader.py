@@ -24,6 +24,7 @@ import torch.utils.data as tud
 from gpuloader import adaptive
 from gpuloader.buffers import DeviceRing, HostRing
 from gpuloader.devices import DeviceArg, resolve_device
+from gpuloader.ecosystem import LIGHTNING_HINT, FrameworkHooks
 from gpuloader.errors import ArgumentError, ArgumentTypeError, describe
 from gpuloader.epoch import EpochCursor
 from gpuloader.fastpath import INLINE_BATCH_BYTES, FastEpochIterator, FastResources
@@ -111,7 +112,7 @@ class _StoppedEpoch(EpochCursor):
         self.finished = True
 
 
-class DataLoader(tud.DataLoader[T_co]):
+class DataLoader(FrameworkHooks, tud.DataLoader[T_co]):
     """A drop-in ``torch.utils.data.DataLoader`` (same arguments, same batches) that also reads
     array datasets in batches, stages them on a device, and sizes batches from free memory.
 
@@ -164,7 +165,7 @@ class DataLoader(tud.DataLoader[T_co]):
         if distributed and (sampler is not None or batch_sampler is not None):
             raise ArgumentError("distributed=True shards gpuloader's own order and is mutually "
                                 "exclusive with sampler/batch_sampler; pass a DistributedSampler "
-                                "as sampler with distributed=False instead")
+                                f"as sampler with distributed=False instead ({LIGHTNING_HINT})")
         super().__init__(dataset, 1 if auto else batch_size, shuffle, sampler, batch_sampler,
                          num_workers, collate_fn, pin_memory, drop_last, timeout, worker_init_fn,
                          multiprocessing_context, generator, prefetch_factor=prefetch_factor,

@@ -32,8 +32,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from gpuloader import fit
 from gpuloader.config import Config, ConfigError, dump, load
 from gpuloader.errors import GpuLoaderError
+from gpuloader.interrupts import Signals, TrainingInterrupted, deferred_signals
 from gpuloader.stats import rates
 
 __all__ = ["run", "make_optimizer", "make_loss", "prepare_targets", "CHECKPOINT", "METRICS"]
@@ -107,30 +109,15 @@ def _open(cfg: Config, fields: List[str]) -> Any:
     return open_dataset(cfg.data.path, fields=fields, **kwargs)
 
 
-def _infer_outputs(cfg: Config, spec: Any) -> int:
-    """``model.outputs`` when the config leaves it out: classes (max label + 1, read in blocks
-    of rows, so memory stays bounded) for cross_entropy labels, else the number of target
-    values per sample."""
-    if not class_labels(cfg.train.loss, spec):
+def _infer_outputs(cfg: Config, spec: Any, labels: Optional[Tuple[int, int]]) -> int:
+    """``model.outputs`` when the config leaves it out: classes (largest label + 1) for
+    cross_entropy labels, else the number of target values per sample."""
+    if labels is None:
         return int(math.prod(spec.shape)) if spec.shape else 1
-    name = cfg.data.targets
-    ds = _open(cfg, [name])
-    try:
-        n = len(ds)
-        block = 1 << 20
-        top = -1
-        for start in range(0, n, block):
-            idx = np.arange(start, min(n, start + block), dtype=np.int64)
-            buf = np.empty((len(idx),) + tuple(spec.shape), dtype=spec.dtype)
-            ds.source.read_into(idx, {name: buf})
-            if len(buf):
-                top = max(top, int(np.max(buf)))
-    finally:
-        ds.close()
-    if top < 0:
+    if labels[1] < 0:
         raise ConfigError(f"model.outputs: cannot infer the number of classes: field "
-                          f"{name!r} holds no non-negative labels; set model.outputs")
-    return top + 1
+                          f"{cfg.data.targets!r} holds no non-negative labels; set model.outputs")
+    return labels[1] + 1
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -195,63 +182,41 @@ class _EpochSums:
 class _Run:
     """Everything one training run holds; built by ``run``."""
 
-    def __init__(self, cfg: Config, *, progress: bool, stop: Optional[StopHook]) -> None:
+    def __init__(self, cfg: Config, *, progress: bool, stop: Optional[StopHook],
+                 split: Optional[Dict[str, int]] = None, signals: Optional[Signals] = None
+                 ) -> None:
         from gpuloader.devices import resolve_device
-        from gpuloader.loader import DataLoader
-        from gpuloader.models import build_model, factory_options, resolve_factory
+        from gpuloader.models import factory_options, resolve_factory
 
         self.cfg = cfg
         self.progress = progress
         self.stop_hook = stop
+        self.signals = signals
         self.out = Path(cfg.output)
         data = cfg.data
         fields = [data.inputs, data.targets]
         self.ds = _open(cfg, fields)
         self.loaders: List[Any] = []
         try:
-            n = len(self.ds)
-            n_val = int(math.floor(n * cfg.train.val_fraction))
-            self.n_train = n - n_val
-            if self.n_train < 1 or (cfg.train.val_fraction > 0 and n_val < 1):
-                raise ConfigError(f"train.val_fraction: {cfg.train.val_fraction} of {n} rows "
-                                  f"leaves {self.n_train} to train and {n_val} to validate; "
-                                  "both need at least one")
+            self.split = self._rows_split(split)
+            self.n_train = len(self.split.train)
+            fit.check_fields(cfg, self.ds.fields)
             self.device = resolve_device(cfg.loader.device) or torch.device("cpu")
+            self.labels = class_labels(cfg.train.loss, self.ds.fields[data.targets])
+            label_range = self._label_range() if self.labels else None
             outputs = cfg.model.kwargs.get("outputs")
             if outputs is None:
-                outputs = _infer_outputs(cfg, self.ds.fields[data.targets])
+                outputs = _infer_outputs(cfg, self.ds.fields[data.targets], label_range)
                 accepted = factory_options(resolve_factory(cfg.model.name))
                 if accepted is None or "outputs" in accepted:  # record it in config.yaml
                     self.cfg = dataclasses.replace(cfg, model=dataclasses.replace(
                         cfg.model, options=tuple(sorted(
                             dict(cfg.model.options, outputs=outputs).items()))))
             self.outputs = int(outputs)
-            self.labels = class_labels(cfg.train.loss, self.ds.fields[data.targets])
-            torch.manual_seed(cfg.train.seed)
-            model = build_model(cfg.model.name, cfg.model.kwargs,
-                                input_shape=tuple(self.ds.fields[data.inputs].shape),
-                                outputs=self.outputs)
-            self.model = model.to(self.device)
-            self.optimizer = make_optimizer(cfg.train.optimizer, self.model.parameters(),
-                                            cfg.train.lr, cfg.train.weight_decay)
-            self.loss_fn = make_loss(cfg.train.loss)
-            lc = cfg.loader
-            common = dict(device=self.device, num_workers=lc.num_workers,
-                          memory_fraction=lc.memory_fraction, memory_budget=lc.memory_budget,
-                          sample_bytes=lc.sample_bytes, min_batch_size=lc.min_batch_size,
-                          max_batch_size=lc.max_batch_size, prefetch_depth=lc.prefetch_depth)
-            train_ds = self.ds if n_val == 0 else torch.utils.data.Subset(
-                self.ds, range(self.n_train))
-            self.loader = DataLoader(train_ds, batch_size=lc.batch_size, shuffle=lc.shuffle,
-                                     order=lc.order, drop_last=lc.drop_last,
-                                     seed=cfg.train.seed, **common)
-            self.loaders.append(self.loader)
-            self.val_loader = None
-            if n_val:
-                val_ds = torch.utils.data.Subset(self.ds, range(self.n_train, n))
-                self.val_loader = DataLoader(val_ds, batch_size=lc.batch_size, shuffle=False,
-                                             seed=cfg.train.seed, **common)
-                self.loaders.append(self.val_loader)
+            if label_range is not None:
+                fit.check_labels(cfg, self.outputs, *label_range)
+            self._build_model()
+            self._build_loaders()
         except BaseException:
             self.close()
             raise
@@ -260,6 +225,61 @@ class _Run:
         self.step = 0
         self.sums = _EpochSums()
         self.records: List[Dict[str, Any]] = []
+
+    def _label_range(self) -> Tuple[int, int]:
+        ds = _open(self.cfg, [self.cfg.data.targets])  # the labels alone
+        try:
+            return fit.label_range(ds, self.cfg.data.targets)
+        finally:
+            ds.close()
+
+    def _rows_split(self, recorded: Optional[Dict[str, int]]) -> fit.Split:
+        """NOTE(train-split): the config's split, or the one a checkpoint recorded."""
+        n = len(self.ds)
+        if recorded is None:
+            return fit.split_rows(n, self.cfg.train.val_fraction, self.cfg.train.seed)
+        if int(recorded["rows"]) != n:
+            raise ConfigError(f"--resume: the checkpoint's train/validation split covers "
+                              f"{recorded['rows']} rows, but {self.cfg.data.path} has {n}")
+        return fit.Split(n, int(recorded["val_rows"]), int(recorded["seed"]))
+
+    def _build_model(self) -> None:
+        from gpuloader.models import build_model
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg.model.name, cfg.model.kwargs,
+                            input_shape=tuple(self.ds.fields[cfg.data.inputs].shape),
+                            outputs=self.outputs)
+        self.model = model.to(self.device)
+        self.loss_fn = make_loss(cfg.train.loss)
+        fit.dry_run(cfg, self.ds, self.model, self.loss_fn, self.device,
+                    prepare_inputs=prepare_inputs, prepare_targets=prepare_targets,
+                    outputs=self.outputs if self.labels else None)
+        self.optimizer = make_optimizer(cfg.train.optimizer, self.model.parameters(),
+                                        cfg.train.lr, cfg.train.weight_decay)
+
+    def _build_loaders(self) -> None:
+        from gpuloader.loader import DataLoader
+
+        cfg, lc = self.cfg, self.cfg.loader
+        common = dict(device=self.device, num_workers=lc.num_workers,
+                      memory_fraction=lc.memory_fraction, memory_budget=lc.memory_budget,
+                      sample_bytes=lc.sample_bytes, min_batch_size=lc.min_batch_size,
+                      max_batch_size=lc.max_batch_size, prefetch_depth=lc.prefetch_depth)
+        split = self.split
+        train_ds = self.ds if split.val_rows == 0 else torch.utils.data.Subset(
+            self.ds, split.train.tolist())
+        self.loader = DataLoader(train_ds, batch_size=lc.batch_size, shuffle=lc.shuffle,
+                                 order=lc.order, drop_last=lc.drop_last,
+                                 seed=cfg.train.seed, **common)
+        self.loaders.append(self.loader)
+        self.val_loader = None
+        if split.val_rows:
+            val_ds = torch.utils.data.Subset(self.ds, split.val.tolist())
+            self.val_loader = DataLoader(val_ds, batch_size=lc.batch_size, shuffle=False,
+                                         seed=cfg.train.seed, **common)
+            self.loaders.append(self.val_loader)
 
     def close(self) -> None:
         for loader in self.loaders:
@@ -282,6 +302,7 @@ class _Run:
             "records": self.records,
             "rng": torch.get_rng_state(),
             "config": self.cfg.to_dict(),
+            "split": self.split.state(),
         }
         _atomic_save(state, self.out / CHECKPOINT)
 
@@ -413,12 +434,11 @@ class _Run:
 
     def _should_stop(self) -> bool:
         limit = self.cfg.train.max_steps
-        if limit is not None and self.step >= limit:
-            return True
-        if self.stop_hook is not None:
-            return bool(self.stop_hook({"epoch": self.epochs_done + 1, "step": self.step,
+        stop = limit is not None and self.step >= limit
+        if not stop and self.stop_hook is not None:
+            stop = bool(self.stop_hook({"epoch": self.epochs_done + 1, "step": self.step,
                                         "samples": self.sums.samples}))
-        return False
+        return stop or (self.signals is not None and self.signals.signum is not None)
 
     @torch.no_grad()
     def validate(self) -> Dict[str, float]:
@@ -495,33 +515,62 @@ def run(config: Union[Config, str, "os.PathLike[str]"], resume: bool = False, *,
             with contextlib.suppress(FileNotFoundError):
                 (out / name).unlink()
     out.mkdir(parents=True, exist_ok=True)
-    r = _Run(cfg, progress=progress, stop=stop)
+    with deferred_signals() as signals:
+        split = _recorded_split(ckpt) if resume else None
+        r = _Run(cfg, progress=progress, stop=stop, split=split, signals=signals)
+        try:
+            return _train_epochs(r, cfg, resume=resume, say=say)
+        finally:
+            r.close()
+
+
+def _recorded_split(ckpt: Path) -> Optional[Dict[str, int]]:
+    """The train/validation split a checkpoint recorded (NOTE(train-split)); None for a
+    checkpoint of a run without validation or one written before splits were recorded."""
+    with contextlib.suppress(Exception):  # unreadable: restore() reports it properly
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        split = state.get("split") if isinstance(state, dict) else None
+        if isinstance(split, dict):
+            return {k: int(split[k]) for k in ("rows", "val_rows", "seed")}
+    return None
+
+
+def _train_epochs(r: _Run, cfg: Config, *, resume: bool,
+                  say: Callable[[str], None]) -> List[Dict[str, Any]]:
+    out = Path(cfg.output)
+    ckpt = out / CHECKPOINT
     new_records: List[Dict[str, Any]] = []
-    try:
-        dump(r.cfg, out / RESOLVED_CONFIG)
-        if resume:
-            r.restore(ckpt)
-            r.sums.resumed = r.sums.samples > 0
-            say(f"resuming {out}: {r.epochs_done} of {cfg.train.epochs} epochs done, "
-                f"{r.sums.samples} samples into the next")
-        limit = cfg.train.max_steps
-        for epoch in range(r.epochs_done, cfg.train.epochs):
-            if limit is not None and r.step >= limit:
-                say(f"train.max_steps={limit} already reached (step {r.step}); nothing to do")
-                break
-            if not r.train_epoch(epoch):
+    dump(r.cfg, out / RESOLVED_CONFIG)
+    if resume:
+        r.restore(ckpt)
+        r.sums.resumed = r.sums.samples > 0
+        say(f"resuming {out}: {r.epochs_done} of {cfg.train.epochs} epochs done, "
+            f"{r.sums.samples} samples into the next")
+    limit = cfg.train.max_steps
+    for epoch in range(r.epochs_done, cfg.train.epochs):
+        if limit is not None and r.step >= limit:
+            say(f"train.max_steps={limit} already reached (step {r.step}); nothing to do")
+            break
+        if r.signals is not None and r.signals.signum is not None:
+            break  # arrived after the last checkpoint of the previous epoch
+        if not r.train_epoch(epoch):
+            if r.signals is None or r.signals.signum is None:
                 say(f"stopped after step {r.step}; checkpoint in {ckpt} (resume with --resume)")
-                break
-            record = r.epoch_record(epoch)
-            r.records.append(record)
-            r.epochs_done = epoch + 1
-            r.sums = _EpochSums()
+            break
+        record = r.epoch_record(epoch)
+        r.records.append(record)
+        r.epochs_done = epoch + 1
+        r.sums = _EpochSums()
+        r.checkpoint()
+        _append_metrics(out / METRICS, [record])
+        new_records.append(record)
+        say(_format_record(record))
+    if r.signals is not None and r.signals.signum is not None:
+        if not ckpt.exists():  # the signal came before the first step
             r.checkpoint()
-            _append_metrics(out / METRICS, [record])
-            new_records.append(record)
-            say(_format_record(record))
-    finally:
-        r.close()
+        raise TrainingInterrupted(r.signals.signum, (
+            f"{r.signals.name} received: stopped after step {r.step} with the checkpoint "
+            f"saved in {ckpt}; continue with --resume"))
     return new_records
 
 

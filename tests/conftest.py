@@ -14,6 +14,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import h5py
 import numpy as np
 import pytest
+import torch
 
 #: An HDF5 dataset spec: an array, or (array, h5py create_dataset keyword arguments).
 H5Value = Union[np.ndarray, Tuple[np.ndarray, Dict[str, Any]]]
@@ -105,3 +106,12 @@ def rng() -> np.random.Generator:
 def fork_available() -> bool:
     """True where multiprocessing's 'fork' start method exists (POSIX)."""
     return os.name == "posix" and hasattr(os, "fork")
+
+
+@pytest.fixture
+def one_compute_thread():
+    """Tiny models: torch's intra-op threads would only contend with the reader threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

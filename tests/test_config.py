@@ -47,7 +47,7 @@ def test_load_returns_a_frozen_tree(cfg_file: Path, tmp_path: Path) -> None:
     assert cfg.loader.memory_fraction == 0.8 and cfg.loader.max_batch_size is None
     assert cfg.model.name == "mlp" and cfg.model.kwargs == {"hidden": [16], "outputs": 3}
     assert cfg.train.epochs == 2 and cfg.train.lr == 0.01 and cfg.train.optimizer == "adamw"
-    assert cfg.train.global_batch_size is None and cfg.train.val_fraction == 0.0
+    assert cfg.train.global_batch_size == 256 and cfg.train.val_fraction == 0.0  # auto: fixed
     assert cfg.output == str(tmp_path / "run")
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.train.epochs = 5  # type: ignore[misc]
@@ -62,7 +62,11 @@ def test_defaults_fill_inputs_targets_and_output(tmp_path: Path, monkeypatch) ->
     cfg = load(path)
     assert (cfg.data.inputs, cfg.data.targets) == ("x", "y")
     assert cfg.output == str(tmp_path / "runs" / "mini")
-    assert cfg.model.name == "mlp" and cfg.train == config.TrainConfig()
+    assert cfg.model.name == "mlp"
+    # NOTE(config-global-batch): auto sizes micro-batches; the optimization batch stays fixed
+    assert cfg.train == config.TrainConfig(global_batch_size=config.DEFAULT_GLOBAL_BATCH)
+    fixed = load(path, ["loader.batch_size=64"])
+    assert fixed.train.global_batch_size is None
 
 
 def test_json_is_accepted(tmp_path: Path) -> None:

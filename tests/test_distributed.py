@@ -184,11 +184,27 @@ def scenario_resume(rank: int) -> Dict[str, Any]:
     return {"first": first, "rest": rest, "rest_from_rank0": rest_from_rank0, "state": state}
 
 
+def scenario_accelerate(rank: int) -> Dict[str, Any]:
+    """What accelerate's prepare() reads (NOTE(accelerate)): keep a loader that shards itself,
+    warn once about one that does not (no collectives here)."""
+    import warnings
+
+    out: Dict[str, Any] = {}
+    for distributed in (True, False):
+        with gl.DataLoader(make_dataset(8), batch_size=2, distributed=distributed,
+                           device="cpu") as loader, warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            flags = [loader._is_accelerate_prepared, loader._is_accelerate_prepared]
+            out[str(distributed)] = {"flags": flags, "warnings": [str(w.message) for w in got]}
+    return out
+
+
 SCENARIOS: Dict[str, Callable[[int], Dict[str, Any]]] = {
     "shards": scenario_shards,
     "auto": scenario_auto,
     "oom": scenario_oom,
     "resume": scenario_resume,
+    "accelerate": scenario_accelerate,
 }
 
 
@@ -396,6 +412,15 @@ def test_resume_with_another_world_size_is_refused(ranks):
     with gl.DataLoader(make_dataset(RESUME_N), batch_size=8, shuffle=True) as loader:
         with pytest.raises(ArgumentError, match=r"world_size=2 .* world_size=1"):
             loader.load_state_dict(state)
+
+
+def test_accelerate_keeps_sharding_loaders_and_warns_once_about_others(ranks):
+    for res in results(ranks, "accelerate"):
+        assert res["True"] == {"flags": [True, True], "warnings": []}
+        assert res["False"]["flags"] == [False, False]
+        (message,) = res["False"]["warnings"]  # once, with the supported pattern
+        assert "does not shard itself in a job of 2 processes" in message
+        assert "device=accelerator.device and distributed=True" in message
 
 
 # ------------------------------------------------------------------ control collectives (fake)

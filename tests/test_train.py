@@ -17,13 +17,7 @@ from gpuloader.models import build_model, cnn, mlp
 N = 2000
 
 
-@pytest.fixture(autouse=True)
-def _one_compute_thread():
-    """Tiny models: torch's intra-op threads would only contend with the reader threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_compute_thread")
 
 
 def _classification(root: Path, n: int = N, features: int = 8, classes: int = 3,
