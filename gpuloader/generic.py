@@ -35,7 +35,9 @@ class OrderSampler(Sampler):
 
     def __iter__(self) -> Iterator[int]:
         order, _ = self.loader._positions(self.epoch)
-        return iter(order.tolist())
+        if isinstance(order, np.ndarray):  # a user sampler's order
+            return iter(order.tolist())
+        return (int(i) for chunk in order.chunks() for i in chunk.tolist())
 
     def __len__(self) -> int:
         return self.loader._shard_len()

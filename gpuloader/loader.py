@@ -33,7 +33,7 @@ from gpuloader.generic import (GenericEpochIterator, OrderSampler, SizedBatchSam
 from gpuloader.memory import (CostModel, SizerConfig, plan_batch_size, probe_for,
                               validate_batch_bounds, validate_memory_budget,
                               validate_memory_fraction, validate_sample_bytes)
-from gpuloader.order import check_order, epoch_order, resolve_seed
+from gpuloader.order import EpochOrder, check_order, resolve_seed
 from gpuloader.processes import ProcessReaderPool, needs_processes
 from gpuloader.readers import ReaderPool
 from gpuloader.sizing import SizeController
@@ -44,7 +44,7 @@ from gpuloader.world import World
 
 T_co = TypeVar("T_co", covariant=True)
 BatchSize = Union[int, str, None]
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: orders computed per span (order.ORDER_VERSION 2)
 REPLAN_STEPS = 16  # successful guarded steps between re-plans from the learned cost
 
 
@@ -309,9 +309,9 @@ class DataLoader(FrameworkHooks, tud.DataLoader[T_co]):
             return np.fromiter((int(i) for i in self._user_sampler), dtype=np.int64), False
         n = len(self.dataset)  # type: ignore[arg-type]
         block = self._view.block_length if self._view is not None else 1
-        order = epoch_order(self.order, n, seed=self.seed, epoch=epoch, rank=self.world.rank,
-                            world_size=self.world.world_size, block_length=block,
-                            drop_last=self.drop_last)
+        order = EpochOrder(self.order, n, seed=self.seed, epoch=epoch, rank=self.world.rank,
+                           world_size=self.world.world_size, block_length=block,
+                           drop_last=self.drop_last)
         # Random orders are sorted within each batch (one coalesced read); the sequential order
         # keeps the dataset's own order, so a Subset's batches equal torch's.
         return order, self.order != "sequential"
@@ -534,6 +534,12 @@ class DataLoader(FrameworkHooks, tud.DataLoader[T_co]):
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Resume from :meth:`state_dict` output: the next iteration continues that epoch."""
+        if isinstance(state, dict) and isinstance(state.get("version"), int) and \
+                state["version"] != STATE_VERSION:
+            raise ArgumentError(
+                f"state has version {state['version']}, but this gpuloader reads state version "
+                f"{STATE_VERSION} only (its epoch orders differ, so resuming would deliver other "
+                "samples); start the epoch over with set_epoch() instead")
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise ArgumentError(f"state must be a dict from gpuloader.DataLoader.state_dict() "
                                 f"(version {STATE_VERSION}); got {describe(state)}")

@@ -167,6 +167,16 @@ def test_a_state_that_fails_to_start_is_kept_not_skipped():
             iter(loader)  # not silently the next epoch
 
 
+def test_load_state_refuses_a_state_from_before_span_orders():
+    # Version 1 states were saved when orders were materialised permutations: their (seed,
+    # epoch, position) would resume into a different order, so they are refused by name.
+    with gl.DataLoader(make_dataset(), batch_size=10, shuffle=True, seed=0) as loader:
+        state = dict(loader.state_dict(), version=1)
+        with pytest.raises(ArgumentError, match=r"state has version 1, but this gpuloader reads "
+                                                r"state version 2 only .*set_epoch"):
+            loader.load_state_dict(state)
+
+
 def test_load_state_names_missing_keys():
     with gl.DataLoader(make_dataset(), batch_size=10) as loader:
         state = loader.state_dict()
