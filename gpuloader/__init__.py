@@ -13,7 +13,7 @@ from gpuloader.dataset import ArrayDataset, Ragged, open_dataset
 from gpuloader.errors import (ConfigError, DeviceError, FieldNotFoundError, GpuLoaderError,
                               SourceError, SourceNotFoundError)
 from gpuloader.loader import DataLoader
-from gpuloader.memory import MemoryInfo, memory_info
+from gpuloader.probes import MemoryInfo, memory_info
 
 __version__ = "0.1.0"
 

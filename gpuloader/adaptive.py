@@ -1,7 +1,13 @@
-"""Surviving out-of-memory errors: ``oom_guard`` and ``accumulate``.
+"""Adaptive batches: the live batch size, and surviving out-of-memory errors with it.
+
+``AdaptiveBatch`` owns everything that decides how many samples the next batch holds: the size
+controller (shrink on out-of-memory, grow back: NOTE(grow-back) in sizing.py), the learned cost
+model, re-planning from it, agreement across ranks, and rolling an epoch cursor back.  The
+epoch iterators read its ``current`` size; ``OomGuard``, ``Step`` and ``accumulate`` drive it.
+None of them knows the loader: they take the epoch tracker (epoch.py) and this object.
 
 NOTE(exactly-once): a batch counts as consumed once delivered.  When ``oom_guard`` rolls a step
-back, the loader rewinds its cursor to the start of the failed batch (or, inside ``accumulate``
+back, the epoch cursor is rewound to the start of the failed batch (or, inside ``accumulate``
 with an optimizer, of the whole step), so those samples come again — split into smaller
 batches — and nothing read ahead at the old size is delivered.  ``state_dict`` therefore counts
 every delivered batch that was not rolled back.
@@ -10,15 +16,20 @@ from __future__ import annotations
 
 import gc
 import traceback
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from gpuloader.errors import ArgumentError, ArgumentTypeError, describe
+from gpuloader.checks import int_at_least
+from gpuloader.epoch import EpochCursor, EpochTracker
+from gpuloader.errors import ArgumentError, ArgumentTypeError, add_note, describe
+from gpuloader.planning import (CostModel, FreeMemory, SizerConfig, SizingOptions,
+                                plan_batch_size)
+from gpuloader.sizing import SizeController
+from gpuloader.stats import LoaderStats
+from gpuloader.world import World
 
-if TYPE_CHECKING:
-    from gpuloader.loader import DataLoader
-
+REPLAN_STEPS = 16  # successful guarded steps between re-plans from the learned cost
 _CPU_OOM_MARKERS = ("can't allocate memory", "not enough memory", "out of memory")
 
 
@@ -36,18 +47,143 @@ def _free_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def planned_size(free: FreeMemory, config: SizerConfig, world: World,
+                 cost_model: Optional[CostModel] = None) -> int:
+    """The size ``batch_size="auto"`` picks now (NOTE(batch-sizing) in planning.py), agreed
+    (the minimum) over distributed ranks — a collective when ``world`` has several ranks."""
+    learned = cost_model if cost_model is not None and cost_model.has_fit else None
+    return world.min(plan_batch_size(free(), config, learned))
+
+
+class AdaptiveBatch:
+    """The live batch size of one loader and everything that changes it.
+
+    ``target``: the size to hold (an int the user gave, or the plan for "auto"); batches never
+    exceed it, which is what the staging ring is allocated for (``capacity``).  ``options``,
+    ``config`` (made on first use: it may read a sample) and ``free`` plan sizes from memory;
+    ``world`` agrees sizes over ranks (setting it re-wires the controller, so a World built
+    directly in tests takes effect); ``stats`` counts rollbacks; ``device`` is where steps run
+    (the cost model learns only from CUDA steps).
+
+    Lifetime: one per loader, across epochs.  Holds no reference to the loader
+    (NOTE(no-cycles) in loader.py).
+    """
+
+    def __init__(self, target: int, *, auto: bool, options: SizingOptions,
+                 config: Callable[[], SizerConfig], free: FreeMemory, world: World,
+                 stats: LoaderStats, device: Optional[torch.device]) -> None:
+        self.auto = auto
+        self.options = options
+        self._make_config = config
+        self._config: Optional[SizerConfig] = None
+        self.free = free
+        self.stats = stats
+        self.device = device
+        self.capacity = target  # the staging ring holds batches of at most this many samples
+        self.cost_model = CostModel()
+        self.controller = SizeController(target, floor=min(options.min_batch_size, target),
+                                         free_bytes=free)
+        self.world = world
+        #: Set by ``accumulate`` while a step runs: where that step's samples start.
+        self.step_start: Optional[int] = None
+        self._guarded_steps = 0  # successful oom_guard steps (NOTE(learned-cost))
+
+    @property
+    def world(self) -> World:
+        """The ranks sizes are agreed over (NOTE(agreed-growth) in sizing.py)."""
+        return self._world
+
+    @world.setter
+    def world(self, world: World) -> None:
+        self._world = world
+        self.controller.agree = world.min if world.use_collectives else None
+
+    @property
+    def config(self) -> SizerConfig:
+        """The sizer's inputs (NOTE(batch-sizing)), made once, when first needed."""
+        if self._config is None:
+            self._config = self._make_config()
+        return self._config
+
+    @property
+    def current(self) -> int:
+        """Samples in the next batch."""
+        return self.controller.current
+
+    def plan(self) -> int:
+        """The size planned from free memory now (with the learned cost once it has a fit)."""
+        return planned_size(self.free, self.config, self.world, self.cost_model)
+
+    def roll_back(self, cursor: EpochCursor, start: int, length: int, *,
+                  whole_step: bool) -> None:
+        """After an out-of-memory error in the batch ``[start, start + length)``: shrink (agreed
+        over ranks) and rewind ``cursor`` to ``start`` — or to the start of the running
+        ``accumulate`` step with ``whole_step`` (NOTE(exactly-once)).  ValueError when the
+        batch is already at the smallest size."""
+        rewind_to = self.step_start if whole_step and self.step_start is not None else start
+        predicted = None
+        if self.cost_model.has_fit:
+            predicted = self.cost_model.predict_max_batch(self.free(),
+                                                          self.options.memory_fraction)
+        self.controller.on_oom(max(1, length), predicted)
+        self.controller.current = self.world.min(self.controller.current)
+        self.stats.add_rollback(cursor.position - rewind_to)
+        cursor.rewind(rewind_to)
+
+    def step_succeeded(self, size: int) -> None:
+        """A guarded step of ``size`` samples finished: the size may grow after a cooldown.
+
+        NOTE(learned-cost): with ``batch_size="auto"`` on CUDA, once the cost model has a fit of
+        peak step memory against batch size, every ``REPLAN_STEPS`` successful steps the target
+        is re-planned from it (never above ``capacity``), replacing the guess.  The step count
+        is the same on every rank, so the agreeing collective stays matched.
+        """
+        self.controller.on_success(size)
+        self._guarded_steps += 1
+        if self.auto and self.cost_model.has_fit and self._guarded_steps % REPLAN_STEPS == 0:
+            self.controller.set_target(min(self.capacity, self.plan()))
+
+    def learn(self, size: int, peak_bytes: int) -> None:
+        """A guarded step of ``size`` samples needed ``peak_bytes`` beyond what it started with."""
+        self.cost_model.observe(size, max(0, peak_bytes))
+
+    def state_dict(self) -> dict:
+        """The size and the controller's cooldown (see DataLoader's docstring)."""
+        return self.controller.state_dict()
+
+    @staticmethod
+    def check_state(state: object) -> None:
+        """Raise unless ``state`` is :meth:`state_dict` output (positive int size and cooldown)."""
+        if not isinstance(state, dict) or not {"current", "cooldown"} <= set(state):
+            raise ArgumentError(f"state['sizing'] must be a dict with 'current' and 'cooldown' "
+                                f"(from DataLoader.state_dict()), got {describe(state)}")
+        for key in ("current", "cooldown"):
+            int_at_least(f"state['sizing'][{key!r}]", state[key], 1, "an int >= 1")
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a checked state (:meth:`check_state`), clamped to this loader's bounds."""
+        self.controller.load_state_dict(state)
+
+
 class OomGuard:
     """Context manager around one training step (see ``DataLoader.oom_guard``).
 
     ``failed`` is True after a step that was rolled back.  In a distributed job the out-of-memory
-    flag is all-reduced at exit, so every rank rolls back and shrinks together.
+    flag is all-reduced at exit, so every rank rolls back and shrinks together.  ``sizing`` is
+    None when the loader does not size its batches (batch_size=None, a batch_sampler, an
+    IterableDataset): nothing can shrink then, and an out-of-memory error propagates.
     """
 
-    def __init__(self, loader: "DataLoader", optimizer: Optional[torch.optim.Optimizer]) -> None:
+    def __init__(self, epochs: EpochTracker, sizing: Optional[AdaptiveBatch], world: World,
+                 device: Optional[torch.device],
+                 optimizer: Optional[torch.optim.Optimizer]) -> None:
         if optimizer is not None and not hasattr(optimizer, "zero_grad"):
-            raise ArgumentTypeError(f"optimizer must be a torch.optim.Optimizer or None; got "
-                                    f"{describe(optimizer)}")
-        self.loader = loader
+            raise ArgumentTypeError(f"optimizer must be a torch.optim.Optimizer or None, got "
+                                    f"{type(optimizer).__name__} {describe(optimizer)}")
+        self.epochs = epochs
+        self.sizing = sizing
+        self.world = sizing.world if sizing is not None else world
+        self.device = device
         self.optimizer = optimizer
         self.failed = False
         self._batch_start = 0
@@ -55,24 +191,24 @@ class OomGuard:
         self._allocated_before = 0
 
     def __enter__(self) -> "OomGuard":
-        active = self.loader._active
-        if active is None:
+        cursor = self.epochs.active
+        if cursor is None:
             raise RuntimeError("oom_guard() must be used inside a loop over the loader, "
                                "after a batch was delivered")
-        self._batch_start, self._batch_length = active.last_start, active.last_length
-        device = self.loader.device
-        if device is not None and device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            self._allocated_before = torch.cuda.memory_allocated(device)
+        self._batch_start, self._batch_length = cursor.last_start, cursor.last_length
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._allocated_before = torch.cuda.memory_allocated(self.device)
         return self
 
     def __exit__(self, exc_type: Any, exc: Optional[BaseException], tb: Any) -> bool:
         oom = exc is not None and is_oom_error(exc)
         if exc is not None and not oom:
             return False  # any other exception passes through untouched
-        if not self.loader.world.any(oom):
-            self._learn_cost()
-            self.loader._step_succeeded(self._batch_length)
+        if not self.world.any(oom):
+            if self.sizing is not None:
+                self._learn_cost(self.sizing)
+                self.sizing.step_succeeded(self._batch_length)
             return False
         if exc is not None:
             # A live traceback pins the failed step's tensors: clear its finished frames before
@@ -82,23 +218,29 @@ class OomGuard:
         _free_device_memory()
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
+        # The epoch's cursor, also after its iterator was dropped (a break inside the guard
+        # leaves a StoppedEpoch: epoch.py).
+        cursor = self.epochs.active
         try:
-            self.loader._roll_back(self._batch_start, self._batch_length,
-                                   whole_step=self.optimizer is not None)
+            if self.sizing is None or cursor is None:
+                raise ValueError("this loader has no batch size to shrink (batch_size=None, a "
+                                 "batch_sampler, or an IterableDataset)")
+            self.sizing.roll_back(cursor, self._batch_start, self._batch_length,
+                                  whole_step=self.optimizer is not None)
         except ValueError as too_small:
             if exc is None:
                 raise torch.cuda.OutOfMemoryError(
                     f"gpuloader: another rank ran out of memory at the smallest batch size "
                     f"({too_small})") from None
-            exc.add_note(f"gpuloader: cannot retry with a smaller batch: {too_small}. Lower "
-                         "the model's memory use, or set PYTORCH_CUDA_ALLOC_CONF="
-                         "expandable_segments:True to reduce fragmentation.")
+            add_note(exc, f"gpuloader: cannot retry with a smaller batch: {too_small}. Lower "
+                          "the model's memory use, or set PYTORCH_CUDA_ALLOC_CONF="
+                          "expandable_segments:True to reduce fragmentation.")
             return False
         self.failed = True
         return True
 
-    def _learn_cost(self) -> None:
-        device = self.loader.device
+    def _learn_cost(self, sizing: AdaptiveBatch) -> None:
+        device = self.device
         if device is None or device.type != "cuda" or self._batch_length == 0:
             return
         # Memory the step left allocated (optimizer state made by the first step, gradients kept
@@ -107,8 +249,8 @@ class OomGuard:
         # the two batch sizes seen are close (say 256 and an epoch's tail of 250, the first
         # step's Adam state / 6 per sample) — and collapse the re-planned "auto" size.
         after = torch.cuda.memory_allocated(device)
-        peak = torch.cuda.max_memory_allocated(device) - max(self._allocated_before, after)
-        self.loader.cost_model.observe(self._batch_length, max(0, peak))
+        sizing.learn(self._batch_length,
+                     torch.cuda.max_memory_allocated(device) - max(self._allocated_before, after))
 
 
 class Step:
@@ -118,42 +260,40 @@ class Step:
     micro-batches that were not rolled back.
     """
 
-    def __init__(self, loader: "DataLoader", iterator: Any, start: int, size: int) -> None:
-        self.loader = loader
+    def __init__(self, sizing: AdaptiveBatch, iterator: Any, start: int, size: int) -> None:
+        self.sizing = sizing
         self.start = start
         self.size = size
         self._it = iterator
 
     def __iter__(self) -> Iterator[Any]:
         end = self.start + self.size
-        self.loader._step_start = self.start
+        self.sizing.step_start = self.start
         try:
             while self._it.position < end:
                 batch = next(self._it)
                 yield batch, self._it.last_length / self.size
         finally:
-            self.loader._step_start = None
+            self.sizing.step_start = None
 
 
-def accumulate(loader: "DataLoader", global_batch_size: int) -> Iterator[Step]:
-    """Steps of exactly ``global_batch_size`` samples (the last may be smaller unless
-    ``drop_last``); micro-batches are sized from memory (NOTE(exactly-once))."""
-    if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int):
-        raise ArgumentTypeError(f"global_batch_size must be a positive int; got "
-                                f"{describe(global_batch_size)}")
-    if global_batch_size <= 0:
-        raise ArgumentError(f"global_batch_size must be a positive int; got {global_batch_size}")
-    if loader._controller is None:
-        raise ArgumentError("accumulate() needs batches gpuloader sizes; this loader was built "
-                            "with batch_size=None, a batch_sampler, or an IterableDataset")
-    iterator = loader._iter_steps(global_batch_size)
+def check_global_batch_size(global_batch_size: object) -> int:
+    """``global_batch_size`` as a positive int (the samples of one ``accumulate`` step)."""
+    return int_at_least("global_batch_size", global_batch_size, 1, "a positive int")
+
+
+def accumulate(sizing: AdaptiveBatch, iterator: Any, global_batch_size: int, *,
+               drop_last: bool) -> Iterator[Step]:
+    """Steps of exactly ``global_batch_size`` samples over ``iterator`` (an epoch whose batches
+    never straddle a multiple of it); the last may be smaller unless ``drop_last``.
+    Micro-batches are sized by ``sizing`` (NOTE(exactly-once))."""
     total = iterator.total
-    if loader.drop_last:
+    if drop_last:
         total -= total % global_batch_size
     start = iterator.position - iterator.position % global_batch_size
     while start < total:
         size = min(global_batch_size, total - start)
-        yield Step(loader, iterator, start, size)
+        yield Step(sizing, iterator, start, size)
         if iterator.position < start + size:  # the caller left the step early
             return
         start += size

@@ -7,8 +7,8 @@ slot.  With ``R = prefetch_depth + 2`` slots and the copy of batch ``k + 1`` iss
 more batches have been drawn.  Each rewrite first waits (on the copy stream) for an event the
 consumer's stream recorded when the slot was released, so GPU work queued on the old batch
 finishes before its bytes change.  Two things keep that true beyond one uninterrupted epoch:
-the ring, not the epoch iterator, keeps the handed-out slots (``DeviceRing.handed``), so draws
-count across epochs, breaks and resumes (the last ``prefetch_depth + 1`` batches of an epoch
+the ring, not the epoch iterator, keeps the handed-out slots and releases each when it is due
+(``DeviceRing.hand_out``), so draws count across epochs, breaks and resumes (the last ``prefetch_depth + 1`` batches of an epoch
 are released by the next epoch's draws, never skipped); and a slot copied into but never
 handed out (its batch was dropped by a rollback or a break) is the next one copied into, so
 the slots in use stay the ``prefetch_depth + 1`` just before the ring's cursor.
@@ -19,7 +19,6 @@ use-after-recycle shows up as garbage instead of silently stale data.
 """
 from __future__ import annotations
 
-import functools
 import os
 from collections import deque
 from dataclasses import dataclass
@@ -28,16 +27,18 @@ from typing import Any, Deque, Dict, List, Mapping, Optional
 import numpy as np
 import torch
 
+from gpuloader.checks import torch_dtype
 from gpuloader.sources.base import FieldSpec
 
 #: Debug switch: poison recycled slots (see module docstring).
 POISON: bool = os.environ.get("GPULOADER_POISON", "") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
-def torch_dtype(dtype: np.dtype) -> torch.dtype:
-    """The torch dtype with the same bytes as numpy ``dtype`` (cached: called per batch)."""
-    return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+def ring_slots(prefetch_depth: int) -> int:
+    """Batch-sized slots of every ring (host, device, reader processes) for ``prefetch_depth``
+    batches read ahead: those, the batch being delivered, and the one the consumer still uses
+    (NOTE(slot-lifetime)).  The one place this count is made."""
+    return prefetch_depth + 2
 
 
 def allocate(fields: Mapping[str, FieldSpec], rows: int, *, device: torch.device,
@@ -125,11 +126,6 @@ class HostRing:
         self._next = (self._next + 1) % len(self.slots)
         return slot
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by all slots."""
-        return sum(t.numel() * t.element_size() for s in self.slots for t in s.tensors.values())
-
 
 @dataclass
 class DeviceSlot:
@@ -146,6 +142,7 @@ class DeviceRing:
     """Staging slots on a CUDA device fed from host slots on a dedicated copy stream.
 
     ``reuse=False`` allocates fresh device tensors per batch instead (caller-owned batches).
+    A handed-out slot stays valid for ``slots - 1`` draws (NOTE(slot-lifetime)).
     """
 
     def __init__(self, fields: Mapping[str, FieldSpec], capacity: int, slots: int,
@@ -163,7 +160,8 @@ class DeviceRing:
         )
         self._next = 0
         #: Slots handed out and not yet released, oldest first (NOTE(slot-lifetime)).
-        self.handed: Deque[DeviceSlot] = deque()
+        self._handed: Deque[DeviceSlot] = deque()
+        self._keep = max(1, slots - 1)
         self._unhanded: Optional[DeviceSlot] = None  # copied into, not handed out yet
 
     def copy_in(self, host: HostSlot, rows: int) -> DeviceSlot:
@@ -202,7 +200,12 @@ class DeviceRing:
         return slot
 
     def hand_out(self, slot: DeviceSlot) -> Dict[str, torch.Tensor]:
-        """Make the consumer's current stream wait for ``slot``'s copy; return row views."""
+        """Make the consumer's current stream wait for ``slot``'s copy; return row views.
+
+        Also releases the slot handed out ``slots - 1`` draws ago (NOTE(slot-lifetime)), so the
+        caller may start the next copy right after.  Fresh tensors (``reuse=False``) are the
+        caller's: nothing is released, and holding them would keep freed batches alive.
+        """
         current = self._cuda.current_stream(self.device)
         if slot is self._unhanded:
             self._unhanded = None
@@ -214,14 +217,17 @@ class DeviceRing:
             # consumer's stream uses them so their memory is not recycled under it.
             for t in views.values():
                 t.record_stream(current)
+        else:
+            self._handed.append(slot)
+            if len(self._handed) > self._keep:
+                self._release(self._handed.popleft())
         return views
 
-    def release(self, slot: DeviceSlot) -> None:
+    def _release(self, slot: DeviceSlot) -> None:
         """Record that work queued so far on the consumer stream is all that uses ``slot``."""
-        if self.reuse:
-            event = self._cuda.Event()
-            event.record(self._cuda.current_stream(self.device))
-            slot.released = event
+        event = self._cuda.Event()
+        event.record(self._cuda.current_stream(self.device))
+        slot.released = event
 
     def close(self) -> None:
         """Wait for copies still queued on the copy stream (a read-ahead batch nobody drew):

@@ -90,19 +90,19 @@ def _auto_batch(ds: Any, device: str) -> Dict[str, Any]:
     """What ``batch_size="auto"`` picks for ``ds`` on ``device`` now, and why."""
     import torch
 
+    from gpuloader.buffers import ring_slots
     from gpuloader.loader import DataLoader
-    from gpuloader.memory import SizerConfig, plan_batch_size
+    from gpuloader.planning import SizerConfig, plan_batch_size
+    from gpuloader.probes import probe_for
 
     loader = DataLoader(ds, batch_size="auto", device=device)
     try:
         size = int(loader.batch_size or 0)
         target = loader.device or torch.device("cpu")
-        from gpuloader.memory import probe_for
-
         info = probe_for(target, None).read()
         per_sample = sum(spec.sample_nbytes for spec in ds.fields.values())
         uncapped = plan_batch_size(info.free, SizerConfig(
-            staging_bytes_per_sample=per_sample, ring_slots=loader.prefetch_depth + 2,
+            staging_bytes_per_sample=per_sample, ring_slots=ring_slots(loader.prefetch_depth),
             dataset_len=max(1, len(ds)), memory_fraction=loader.memory_fraction,
             unknown_cost_cap=1 << 62))
     finally:
@@ -254,7 +254,7 @@ def _probe_rows(device: Optional[str]) -> List[List[str]]:
     import torch
 
     from gpuloader.errors import GpuLoaderError
-    from gpuloader.memory import CudaProbe, HostProbe, NvmlProbe
+    from gpuloader.probes import CudaProbe, HostProbe, NvmlProbe
 
     def measure(label: str, kind: str, probe: Any) -> List[str]:
         try:

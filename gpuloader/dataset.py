@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.utils.data
 
+from gpuloader.checks import torch_dtype
 from gpuloader.errors import (ArgumentError, ArgumentTypeError, FieldNotFoundError,
                               SampleIndexError, SourceError, SourceNotFoundError, describe)
 from gpuloader.sources.arrays import ArraysSource
@@ -54,7 +55,7 @@ class Ragged:
 def _torch_dtype(name: str, spec: FieldSpec) -> torch.dtype:
     """The torch dtype of a field; SourceError when torch has none."""
     try:
-        return torch.from_numpy(np.empty(0, dtype=spec.dtype)).dtype
+        return torch_dtype(np.dtype(spec.dtype))
     except (TypeError, ValueError) as exc:
         raise SourceError(
             f"field {name!r} has dtype {np.dtype(spec.dtype)}, which torch cannot hold; fields "

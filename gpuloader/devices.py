@@ -5,7 +5,7 @@ from typing import Optional, Union
 
 import torch
 
-from gpuloader.errors import DeviceError, describe
+from gpuloader.checks import cuda_ordinal, parse_device
 
 DeviceArg = Union[None, str, int, torch.device]
 
@@ -22,22 +22,7 @@ def resolve_device(device: DeviceArg) -> Optional[torch.device]:
     if isinstance(device, str) and device == "auto":
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
-    try:
-        target = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
-    except (RuntimeError, TypeError, ValueError):
-        raise DeviceError(f"device must be {_ACCEPTED}; got {describe(device)}") from None
+    target = parse_device(device, _ACCEPTED)
     if target.type == "cpu":
         return target
-    if target.type != "cuda":
-        raise DeviceError(f"device must be {_ACCEPTED}; got {describe(device)} "
-                          f"(device type {target.type!r} is not supported)")
-    if not torch.cuda.is_available():
-        raise DeviceError(f"device={describe(device)} asks for CUDA, but CUDA is not available "
-                          'on this machine; use device=None or "cpu" (or "auto" to pick CUDA '
-                          "only when present)")
-    count = torch.cuda.device_count()
-    index = target.index if target.index is not None else torch.cuda.current_device()
-    if index >= count:
-        raise DeviceError(f"device={describe(device)} does not exist: this machine has {count} "
-                          f"CUDA device(s), cuda:0 to cuda:{count - 1}")
-    return torch.device("cuda", index)
+    return torch.device("cuda", cuda_ordinal(target, device))

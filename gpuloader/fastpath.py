@@ -1,11 +1,7 @@
 """The batched-read path for array datasets: one sorted gather per batch, read ahead by threads.
 
-NOTE(cursor): an epoch is an order (positions -> sample indices of this rank's shard) and a
-cursor.  ``position`` counts the samples delivered and not rolled back; batches are consecutive
-spans of the order starting at the cursor.  An out-of-memory rollback rewinds the cursor to the
-start of the failed batch (or of the accumulate step) and drops every batch read ahead, so the
-next batches re-deliver exactly those samples at the new size.  ``state_dict`` saves the cursor,
-which makes resume O(1): the order is recomputed from (seed, epoch, rank, world size).
+An epoch is an order and a cursor (NOTE(cursor) in epoch.py); batches are consecutive spans of
+the order, as long as the live size (adaptive.py) says when each is planned.
 
 Within a batch, samples of gpuloader's own orders come sorted by storage index (one coalesced
 read); a user's sampler or batch sampler keeps its exact order.
@@ -20,13 +16,17 @@ from typing import Any, Callable, Deque, Dict, Optional
 import numpy as np
 import torch
 
+from gpuloader.adaptive import AdaptiveBatch
 from gpuloader.buffers import (DeviceRing, DeviceSlot, HostRing, HostSlot, allocate,
-                               numpy_views, row_views)
+                               numpy_views, ring_slots, row_views)
 from gpuloader.epoch import EpochCursor
-from gpuloader.readers import ReadJob, describe_indices
-from gpuloader.sizing import SizeController
+from gpuloader.errors import add_note
+from gpuloader.planning import FreeMemory
+from gpuloader.processes import ProcessReaderPool, needs_processes
+from gpuloader.readers import Pool, ReaderPool, ReadJob, describe_indices
 from gpuloader.sources.base import FieldSpec, Source
 from gpuloader.stats import LoaderStats
+from gpuloader.views import ArrayView
 
 _CPU = torch.device("cpu")
 #: Batches below this many bytes are read inline by the consumer (NOTE(inline-reads)).
@@ -44,9 +44,9 @@ class FastResources:
     fields: Dict[str, FieldSpec]
     index_map: Optional[np.ndarray]          # positions of a Subset -> base indices
     pack: Callable[[Dict[str, torch.Tensor]], Any]
-    pool: Optional[Any]        # ReaderPool or ProcessReaderPool; None when reads are inline
+    pool: Optional[Pool]       # reader threads or processes; None when reads are inline
     stats: LoaderStats
-    controller: Optional[SizeController]      # None when a user batch_sampler sets the sizes
+    sizing: Optional[AdaptiveBatch]           # None when a user batch_sampler sets the sizes
     prefetch_depth: int
     device: Optional[torch.device] = None     # None or cpu: batches stay on the host
     pin: bool = False
@@ -67,7 +67,7 @@ class _Pending:
 
 
 class FastEpochIterator(EpochCursor):
-    """Iterates one epoch of ``order`` from ``start`` (see NOTE(cursor))."""
+    """Iterates one epoch of ``order`` from ``start`` (see NOTE(cursor) in epoch.py)."""
 
     def __init__(self, res: FastResources, epoch: int, order: np.ndarray, start: int, *,
                  sort: bool, drop_last: bool, boundaries: Optional[np.ndarray] = None) -> None:
@@ -90,8 +90,8 @@ class FastEpochIterator(EpochCursor):
         n = len(self.order)
         if pos >= n:
             return None
-        # Without a controller a user batch_sampler sets the sizes: spans end at its boundaries.
-        size = self.res.controller.current if self.res.controller is not None else n - pos
+        # Without a live size a user batch_sampler sets the sizes: spans end at its boundaries.
+        size = self.res.sizing.current if self.res.sizing is not None else n - pos
         end = min(pos + size, n)
         if self._boundaries is not None and len(self._boundaries):
             k = int(np.searchsorted(self._boundaries, pos, side="right"))
@@ -176,8 +176,8 @@ class FastEpochIterator(EpochCursor):
         try:
             res.source.read_into(indices, numpy_views(tensors, length))
         except Exception as exc:
-            exc.add_note(f"gpuloader: raised while reading sample indices "
-                         f"{describe_indices(indices)}")
+            add_note(exc, f"gpuloader: raised while reading sample indices "
+                          f"{describe_indices(indices)}")
             raise
         res.stats.add_read(time.perf_counter() - started)
         self.position = start + length
@@ -190,15 +190,8 @@ class FastEpochIterator(EpochCursor):
         started = time.perf_counter()
         if entry.dslot is None:
             entry.dslot = ring.copy_in(entry.host, entry.length)
-        tensors = ring.hand_out(entry.dslot)
-        # NOTE(slot-lifetime) in buffers.py: release the slot of the batch drawn
-        # prefetch_depth + 1 draws ago (counted by the ring, across epochs), then start the
-        # next copy so it overlaps the step.  Fresh tensors (reuse_buffers=False) are the
-        # caller's: nothing to release, and holding them would keep freed batches alive.
-        if ring.reuse:
-            ring.handed.append(entry.dslot)
-            if len(ring.handed) > self.res.prefetch_depth + 1:
-                ring.release(ring.handed.popleft())
+        tensors = ring.hand_out(entry.dslot)  # releases the slot due (NOTE(slot-lifetime))
+        # Start the next copy now, so it overlaps the step.
         if self._pending and self.res.pool.done(self._pending[0].seq):
             nxt = self._pending[0]
             nxt.dslot = ring.copy_in(nxt.host, nxt.length)
@@ -220,3 +213,108 @@ class FastEpochIterator(EpochCursor):
             self.res.pool.drain()
         self._pending.clear()
         self.finished = True
+
+
+class FastPath:
+    """The fast path of one loader: its readers and rings, made at the first epoch for batches
+    of at most ``sizing.capacity`` samples (or a user batch sampler's largest batch), reused by
+    every later epoch, released by :meth:`close` (NOTE(no-leaks) in processes.py).
+
+    Readers are threads, or — with ``num_workers > 0`` and a source whose reads hold h5py's
+    lock — ``num_workers`` processes (processes.py).  On a CUDA ``device`` batches go through a
+    pinned host ring and a device staging ring; once that ring exists its bytes count as free
+    for planning (``free.held``) unless ``budgeted`` (a memory_budget already is what batches may
+    use).  ``collate`` is the user's collate_fn, given the batch as a list of samples.
+    """
+
+    def __init__(self, view: ArrayView, *, sizing: Optional[AdaptiveBatch], stats: LoaderStats,
+                 free: FreeMemory, budgeted: bool, device: Optional[torch.device],
+                 prefetch_depth: int, reader_threads: int, num_workers: int, context: Any,
+                 pin: bool, reuse_buffers: bool, collate: Optional[Callable[[Any], Any]]) -> None:
+        self.view, self.sizing, self.stats, self.free = view, sizing, stats, free
+        self.budgeted, self.device, self.prefetch_depth = budgeted, device, prefetch_depth
+        self.reader_threads, self.num_workers, self.context = reader_threads, num_workers, context
+        self.pin, self.reuse_buffers, self.collate = pin, reuse_buffers, collate
+        self.resources: Optional[FastResources] = None
+
+    @property
+    def pool(self) -> Optional[Pool]:
+        """The readers (None before the first epoch, and while reads are inline)."""
+        return self.resources.pool if self.resources is not None else None
+
+    def epoch(self, epoch: int, order: np.ndarray, start: int, *, sort: bool, drop_last: bool,
+              boundaries: Optional[np.ndarray], capacity: Optional[int]) -> FastEpochIterator:
+        """An iterator over ``epoch`` (see FastEpochIterator); ``capacity`` is the largest batch
+        of a user batch sampler (there is no live size then)."""
+        return FastEpochIterator(self._resources(capacity), epoch, order, start, sort=sort,
+                                 drop_last=drop_last, boundaries=boundaries)
+
+    def _resources(self, capacity: Optional[int]) -> FastResources:
+        res, slots = self.resources, ring_slots(self.prefetch_depth)
+        if res is not None and res.host_ring is not None and capacity is not None and \
+                capacity > res.host_ring.slots[0].capacity:
+            # A batch sampler's batches outgrew the staging rings: replace them (rare).
+            if res.device_ring is not None:
+                res.device_ring.close()
+            res.host_ring = HostRing(res.fields, capacity, slots, pin=True)
+            res.device_ring = DeviceRing(res.fields, capacity, slots, self.device,
+                                         reuse=self.reuse_buffers)
+        if res is not None and isinstance(res.pool, ProcessReaderPool) and \
+                capacity is not None and capacity > res.pool.capacity:
+            res.pool.close()  # its shared-memory slots are too small for these batches
+            res.pool = self._make_pool(capacity)
+        if res is not None:
+            return res
+        view, device = self.view, self.device
+        cuda = device is not None and device.type == "cuda"
+        if self.sizing is not None:
+            capacity = self.sizing.capacity
+        capacity = max(1, capacity or 1)
+        inline = not cuda and capacity * view.sample_nbytes <= INLINE_BATCH_BYTES
+        host_ring = device_ring = None
+        if cuda:
+            host_ring = HostRing(view.fields, capacity, slots, pin=True)
+            device_ring = DeviceRing(view.fields, capacity, slots, device,
+                                     reuse=self.reuse_buffers)
+            if not self.budgeted:
+                self.free.held = device_ring.nbytes
+        self.resources = FastResources(
+            source=view.source, fields=view.fields, index_map=view.index_map,
+            pack=_packer(view, self.collate), pool=None if inline else self._make_pool(capacity),
+            stats=self.stats, sizing=self.sizing, prefetch_depth=self.prefetch_depth,
+            device=device, pin=self.pin, host_ring=host_ring, device_ring=device_ring,
+            sample_nbytes=view.sample_nbytes, inline=inline)
+        return self.resources
+
+    def _make_pool(self, capacity: int) -> Pool:
+        source = self.view.source
+        if self.num_workers > 0 and needs_processes(source):
+            return ProcessReaderPool(source, self.view.fields, capacity,
+                                     ring_slots(self.prefetch_depth), self.num_workers,
+                                     self.stats, context=self.context)
+        return ReaderPool(source, self.reader_threads, self.stats)
+
+    def drain(self) -> None:
+        """Wait for reads still in flight (of an epoch dropped mid-way) and forget them."""
+        if self.pool is not None:
+            self.pool.drain()
+
+    def close(self) -> None:
+        """Stop the readers, wait for queued copies, close a dataset the loader made."""
+        res, self.resources = self.resources, None
+        if res is not None and res.pool is not None:
+            res.pool.close()
+        if res is not None and res.device_ring is not None:
+            res.device_ring.close()  # no copy may still be writing into freed slots
+        self.free.held = 0
+        self.view.close()
+
+
+def _packer(view: ArrayView,
+            collate: Optional[Callable[[Any], Any]]) -> Callable[[Dict[str, torch.Tensor]], Any]:
+    def pack(tensors: Dict[str, torch.Tensor]) -> Any:  # holds no loader: NOTE(no-cycles)
+        if collate is None:
+            return view.structure(tensors)
+        return collate(view.split(tensors))
+
+    return pack

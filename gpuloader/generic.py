@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from gpuloader.epoch import EpochCursor
-from gpuloader.sizing import SizeController
+from gpuloader.adaptive import AdaptiveBatch
+from gpuloader.epoch import EpochCursor, OrderSpec
+from gpuloader.stats import LoaderStats
 from gpuloader.streams import LEAF_TYPES as _LEAF
 
 
@@ -29,30 +30,30 @@ class OrderSampler(Sampler):
     """gpuloader's order (seeded, per epoch, sharded by rank) as a torch sampler, for datasets
     on the generic path; ``epoch`` is set by the loader before each iteration."""
 
-    def __init__(self, loader: Any) -> None:
-        self.loader = loader
+    def __init__(self, order: OrderSpec) -> None:
+        self.order = order
         self.epoch = 0
 
     def __iter__(self) -> Iterator[int]:
-        order, _ = self.loader._positions(self.epoch)
-        if isinstance(order, np.ndarray):  # a user sampler's order
-            return iter(order.tolist())
-        return (int(i) for chunk in order.chunks() for i in chunk.tolist())
+        positions, _ = self.order.positions(self.epoch)
+        if isinstance(positions, np.ndarray):  # a user sampler's order
+            return iter(positions.tolist())
+        return (int(i) for chunk in positions.chunks() for i in chunk.tolist())
 
     def __len__(self) -> int:
-        return self.loader._shard_len()
+        return self.order.shard_len()
 
 
 class SizedBatchSampler(Sampler):
-    """Groups ``sampler``'s indices into batches of ``controller.current`` samples, read at the
+    """Groups ``sampler``'s indices into batches of ``sizing.current`` samples, read at the
     moment each batch is formed; the same batches as torch's BatchSampler while the size holds.
 
     ``skip`` (samples) is consumed by the next iteration only: resume skips what was consumed.
     """
 
-    def __init__(self, sampler: Any, controller: SizeController, drop_last: bool) -> None:
+    def __init__(self, sampler: Any, sizing: AdaptiveBatch, drop_last: bool) -> None:
         self.sampler = sampler
-        self.controller = controller
+        self.sizing = sizing
         self.drop_last = drop_last
         self.skip = 0
         self.step: Optional[int] = None  # batches end at multiples of step (accumulate)
@@ -65,14 +66,14 @@ class SizedBatchSampler(Sampler):
                 continue
             batch.append(index)
             at_step_end = self.step is not None and (i + 1) % self.step == 0
-            if len(batch) >= self.controller.current or at_step_end:
+            if len(batch) >= self.sizing.current or at_step_end:
                 yield batch
                 batch = []
         if batch and not self.drop_last:
             yield batch
 
     def __len__(self) -> int:
-        n, size = len(self.sampler), self.controller.current
+        n, size = len(self.sampler), self.sizing.current
         return n // size if self.drop_last else -(-n // size)
 
 
@@ -136,20 +137,28 @@ def split_batch(batch: Any, size: int) -> List[Any]:
 
 
 class GenericEpochIterator(EpochCursor):
-    """One epoch of torch's iterator, with positions, telemetry and replay (see NOTE(replay))."""
+    """One epoch of torch's iterator, with positions, telemetry and replay (see NOTE(replay)).
 
-    def __init__(self, loader: Any, torch_iter: Iterator[Any], epoch: int, start: int, *,
-                 copy: Optional[Callable[[Any], Any]] = None) -> None:
+    ``sizing`` is None when torch's sampler or the dataset sets the sizes; ``copy`` moves a CPU
+    batch to the device (a StreamCopier; None keeps it on the CPU); ``keep_workers`` leaves torch's
+    worker processes running at the end (``persistent_workers``).
+    """
+
+    def __init__(self, torch_iter: Iterator[Any], epoch: int, start: int, *,
+                 sizing: Optional[AdaptiveBatch], copy: Optional[Callable[[Any], Any]],
+                 stats: LoaderStats, keep_workers: bool) -> None:
         super().__init__(epoch, start)
-        self.loader = loader
-        self._copy = copy  # CPU batch -> device batch (a StreamCopier); None keeps it on the CPU
+        self.sizing = sizing
+        self._copy = copy
+        self.stats = stats
+        self.keep_workers = keep_workers
         self.total = 0  # samples in the epoch when known (accumulate needs it)
         self._it: Optional[Iterator[Any]] = torch_iter
         self._replay: Deque[Any] = deque()
         self._kept: Deque[Tuple[int, Any]] = deque()
         self._rolled_back = False  # an out-of-memory rollback happened in this epoch
         # Dropping this iterator drops torch's, whose own __del__ stops its workers (as after a
-        # break with torch's DataLoader); EpochCursor.__del__ tells the loader where it stopped.
+        # break with torch's DataLoader); EpochCursor.__del__ tells the tracker where it stopped.
 
     def __next__(self) -> Any:
         if self.finished:
@@ -164,31 +173,31 @@ class GenericEpochIterator(EpochCursor):
                 self.finished = True
                 self._kept.clear()
                 raise
-            controller = self.loader._controller
-            if self._rolled_back and controller is not None and \
-                    batch_length(batch) > controller.current:
+            sizing = self.sizing
+            if self._rolled_back and sizing is not None and \
+                    batch_length(batch) > sizing.current:
                 # Formed before a rollback shrank the size (torch's workers read ahead):
                 # deliver it in pieces of the current size rather than fail on it again.
                 # (Only after a rollback: a collate whose dim 0 is not the sample axis is
                 # never cut otherwise.)
-                batch, *rest = split_batch(batch, controller.current)
+                batch, *rest = split_batch(batch, sizing.current)
                 self._replay.extendleft(reversed(rest))
         waited = time.perf_counter() - started
         n = batch_length(batch)
-        keep_from = self.loader._step_start if self.loader._step_start is not None \
-            else self.position
+        step_start = self.sizing.step_start if self.sizing is not None else None
+        keep_from = step_start if step_start is not None else self.position
         while self._kept and self._kept[0][0] < keep_from:
             self._kept.popleft()
         self._kept.append((self.position, batch))
         self.last_start, self.last_length = self.position, n
         self.position += n
         out = self._copy(batch) if self._copy is not None else batch
-        self.loader._stats.add_delivery(n, _nbytes(batch), waited)
+        self.stats.add_delivery(n, _nbytes(batch), waited)
         return out
 
     def rewind(self, position: int) -> None:
         """Re-deliver the kept batches from ``position`` on, split to the current size."""
-        size = self.loader._controller.current if self.loader._controller else 1
+        size = self.sizing.current if self.sizing is not None else 1
         pieces: List[Any] = []
         kept = [b for s, b in self._kept if s >= position]
         # Pieces still queued from an earlier rollback were cut at the older, larger size:
@@ -207,6 +216,5 @@ class GenericEpochIterator(EpochCursor):
         self._replay.clear()
         self._kept.clear()
         it, self._it = self._it, None
-        if it is not None and hasattr(it, "_shutdown_workers") and \
-                not self.loader.persistent_workers:
+        if it is not None and hasattr(it, "_shutdown_workers") and not self.keep_workers:
             it._shutdown_workers()

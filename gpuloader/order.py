@@ -41,54 +41,21 @@ adjacent pairs).
 """
 from __future__ import annotations
 
-import operator
 from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 
+from gpuloader.checks import ORDERS, check_order
+from gpuloader.checks import as_int as _as_int
+from gpuloader.checks import int_at_least as _at_least
 from gpuloader.errors import ArgumentError, ArgumentTypeError, describe
 
 __all__ = ["ORDERS", "ORDER_VERSION", "EpochOrder", "check_order", "shard_size", "epoch_order",
            "keyed_permutation", "resolve_seed"]
 
-#: Accepted values of ``order=``.
-ORDERS: tuple[str, ...] = ("sequential", "shuffle", "block")
 
 _SEED_MODULUS = 1 << 64
-
-
-def _as_int(name: str, value: object) -> int:
-    """``value`` as a Python int (numpy integers accepted, bool and float refused)."""
-    if isinstance(value, bool):
-        raise ArgumentTypeError(f"{name} must be an int, got bool {value!r}")
-    try:
-        return operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise ArgumentTypeError(
-            f"{name} must be an int, got {type(value).__name__} {describe(value)}"
-        ) from None
-
-
-def _at_least(name: str, value: object, low: int) -> int:
-    number = _as_int(name, value)
-    if number < low:
-        raise ArgumentError(f"{name} must be an int >= {low}, got {number}")
-    return number
-
-
-def check_order(order: str) -> str:
-    """Return ``order`` if it is one of :data:`ORDERS`; raise ArgumentError otherwise."""
-    if not isinstance(order, str):
-        raise ArgumentTypeError(
-            f"order must be one of {', '.join(map(repr, ORDERS))}, "
-            f"got {type(order).__name__} {describe(order)}"
-        )
-    if order not in ORDERS:
-        raise ArgumentError(
-            f"order must be one of {', '.join(map(repr, ORDERS))}, got {describe(order)}"
-        )
-    return order
 
 
 def _check_rank(rank: object, world_size: object) -> tuple[int, int]:

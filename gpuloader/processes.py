@@ -4,11 +4,11 @@ h5py serialises every call behind one global lock, so compressed (or otherwise u
 fields read through h5py gain nothing from threads.  With ``num_workers > 0`` the fast path then
 reads in worker processes instead: each opens the (picklable) source itself, gathers a batch into
 one of a ring of shared-memory slots, and the consumer copies the rows out into the batch's own
-buffer — one memcpy, small next to decompression.  The pool has the ReaderPool interface.
+buffer — one memcpy, small next to decompression.  The pool follows readers.Pool.
 
 NOTE(process-slots): a job owns its slot from ``submit`` until ``result`` has copied it out, so at
 most ``slots`` jobs are in flight; the fast path keeps ``prefetch_depth + 1`` in flight and the
-loader gives the pool ``prefetch_depth + 2`` slots.
+loader gives the pool ``buffers.ring_slots(prefetch_depth)`` slots.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from gpuloader.buffers import allocate, numpy_views
+from gpuloader.errors import add_note
 from gpuloader.readers import ReadJob, describe_indices
 from gpuloader.sources.base import FieldSpec, Source
 from gpuloader.stats import LoaderStats
@@ -163,8 +164,8 @@ class ProcessReaderPool:
             self._filled.discard(seq)
             self._free.append(slot)
         if error is not None:
-            error.add_note(f"gpuloader: raised in a reader process while reading sample "
-                           f"indices {describe_indices(job.indices)}")
+            add_note(error, f"gpuloader: raised in a reader process while reading sample "
+                            f"indices {describe_indices(job.indices)}")
             raise error
         return job
 

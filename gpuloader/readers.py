@@ -22,10 +22,11 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Deque, Dict, Optional, Tuple
+from typing import Callable, Deque, Dict, Optional, Protocol, Tuple
 
 import numpy as np
 
+from gpuloader.errors import add_note
 from gpuloader.sources.base import Source
 from gpuloader.stats import LoaderStats
 
@@ -47,6 +48,26 @@ class ReadJob:
     def is_ready(self) -> bool:
         """Whether ``before`` can run now without waiting for the GPU."""
         return self.ready is None or self.ready()
+
+
+class Pool(Protocol):
+    """What the fast path reads through: reader threads (ReaderPool) or reader processes
+    (ProcessReaderPool in processes.py).  Jobs are submitted in order and collected by seq."""
+
+    def submit(self, job: ReadJob) -> None:
+        """Queue ``job``."""
+
+    def result(self, seq: int) -> ReadJob:
+        """Wait for job ``seq``; its rows are then in its buffers, or its error is raised."""
+
+    def done(self, seq: int) -> bool:
+        """True once job ``seq`` finished and its rows are in its buffers; never blocks."""
+
+    def drain(self) -> None:
+        """Wait for (or drop) every job in flight and forget their results."""
+
+    def close(self) -> None:
+        """Stop the readers; idempotent."""
 
 
 def describe_indices(indices: np.ndarray, limit: int = 8) -> str:
@@ -114,8 +135,8 @@ class ReaderPool:
                 self._cond.wait(_POLL_S)
             job, error, where = self._done.pop(seq)
         if error is not None:
-            error.add_note(f"gpuloader: raised in {where} while reading sample indices "
-                           f"{describe_indices(job.indices)}")
+            add_note(error, f"gpuloader: raised in {where} while reading sample indices "
+                            f"{describe_indices(job.indices)}")
             raise error
         return job
 
@@ -188,8 +209,3 @@ class ReaderPool:
             if t is not threading.current_thread():
                 t.join()
         self._done.clear()
-
-    @property
-    def alive(self) -> bool:
-        """True while any reader thread runs."""
-        return any(t.is_alive() for t in self._threads)

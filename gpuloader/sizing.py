@@ -11,8 +11,8 @@ of 8.
 
 NOTE(agreed-growth): in a distributed job every rank must use the same size, or ranks deliver
 different numbers of batches and their collectives stop matching.  Shrinking is agreed by the
-loader (the OOM flag is all-reduced, then the new size is the minimum over ranks).  Growth is
-agreed here: ``agree`` (the loader passes ``World.min``) is applied to the growth candidate at
+AdaptiveBatch in adaptive.py (the OOM flag is all-reduced, then the new size is the minimum over
+ranks).  Growth is agreed here: ``agree`` (AdaptiveBatch passes ``World.min``) is applied to the growth candidate at
 the decision point.  That point is reached on the same step on every rank, because it depends
 only on values that are identical on all ranks — ``current``, ``target``, ``cooldown`` and the
 success count, which change only at agreed events — never on the per-rank free-memory probe.
@@ -40,6 +40,7 @@ class SizeController:
     has been freed since the last failure.  ``agree`` maps this rank's growth candidate to the
     size all ranks use (a collective, called once per growth decision on every rank; see
     NOTE(agreed-growth)); None for a single process.  Lifetime: one per loader, across epochs.
+    Out-of-memory events are counted once, by the loader's stats (``oom_count``).
     """
 
     def __init__(self, target: int, *, floor: int = 1,
@@ -49,13 +50,12 @@ class SizeController:
         self.floor = min(floor, target)
         self.current = target
         self.cooldown = INITIAL_COOLDOWN
-        self.oom_count = 0
         self._successes = 0
         self._bad: Optional[int] = None
         self._free_at_failure = 0
         self._growing_from: Optional[int] = None
         self._free_bytes = free_bytes
-        self._agree = agree
+        self.agree = agree
 
     def set_target(self, target: int) -> None:
         """Change the size the controller grows towards (e.g. a new plan from free memory)."""
@@ -70,7 +70,6 @@ class SizeController:
         if failed <= self.floor:
             raise ValueError(f"a batch of {failed} sample(s) (min_batch_size={self.floor}) "
                              "does not fit in memory")
-        self.oom_count += 1
         new = failed // 2
         if self._growing_from is not None and failed > self._growing_from:
             # A growth attempt failed: go back to the size that worked and wait longer.
@@ -107,8 +106,8 @@ class SizeController:
                 retrying, self._bad = self._bad, None
                 candidate = min(self.target, retrying)
         candidate = round_size(candidate, self.floor)
-        if self._agree is not None:  # NOTE(agreed-growth): every rank calls this here
-            candidate = self._agree(candidate)
+        if self.agree is not None:  # NOTE(agreed-growth): every rank calls this here
+            candidate = self.agree(candidate)
             if retrying is not None and candidate < retrying:
                 self._bad = retrying  # another rank held the size lower: not retried yet
         if candidate > self.current:
@@ -119,10 +118,9 @@ class SizeController:
 
     def state_dict(self) -> dict:
         """Plain-data state (the current size and cooldown) for checkpoints."""
-        return {"current": self.current, "cooldown": self.cooldown, "oom_count": self.oom_count}
+        return {"current": self.current, "cooldown": self.cooldown}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` output, clamped to this controller's bounds."""
-        self.current = max(self.floor, min(self.target, int(state.get("current", self.current))))
-        self.cooldown = int(state.get("cooldown", self.cooldown))
-        self.oom_count = int(state.get("oom_count", self.oom_count))
+        self.current = max(self.floor, min(self.target, int(state["current"])))
+        self.cooldown = int(state["cooldown"])

@@ -82,7 +82,7 @@ def test_state_dict_does_not_count_rolled_back_batches():
         batch = next(it)
         with loader.oom_guard():
             raise oom()
-        assert loader.state_dict()["position"] == 10
+        assert loader.state_dict()["cursor"]["position"] == 10
         assert next(it)["y"].tolist() == batch["y"][:5].tolist()
 
 
@@ -221,7 +221,7 @@ def test_state_after_a_full_accumulate_epoch_points_at_the_next_epoch(drop_last,
             for _ in step:
                 pass
         state = loader.state_dict()
-    assert (state["epoch"], state["position"]) == (1, 0)  # as after a plain loop's epoch
+    assert state["cursor"] == {"epoch": 1, "position": 0}  # as after a plain loop's epoch
     with gl.DataLoader(ds, batch_size=8, shuffle=True, seed=0, drop_last=drop_last) as resumed:
         resumed.load_state_dict(state)
         steps = [sum(1 for _ in step) for step in resumed.accumulate(global_batch)]

@@ -17,7 +17,8 @@ def test_host_ring_is_preallocated_and_round_robin():
     ring = buffers.HostRing(FIELDS, capacity=8, slots=3, pin=False)
     taken = [ring.take() for _ in range(6)]
     assert [id(s) for s in taken[:3]] == [id(s) for s in taken[3:]]
-    assert ring.nbytes == 3 * 8 * (8 + 8 + 1)
+    held = sum(t.numel() * t.element_size() for s in ring.slots for t in s.tensors.values())
+    assert held == 3 * 8 * (8 + 8 + 1)
 
 
 def test_poison_marks_recycled_slots(monkeypatch):
@@ -142,7 +143,7 @@ def test_device_slots_are_rewritten_only_after_their_release_across_epochs_rollb
     stats = LoaderStats()
     res = FastResources(
         source=source, fields=fields, index_map=None, pack=dict,
-        pool=ReaderPool(source, 2, stats), stats=stats, controller=SizeController(size),
+        pool=ReaderPool(source, 2, stats), stats=stats, sizing=SizeController(size),
         prefetch_depth=depth, device=torch.device("cpu"),
         host_ring=buffers.HostRing(fields, size, depth + 2, pin=False),
         device_ring=CheckedRing(fake, depth, fields, size, depth + 2, torch.device("cpu")),

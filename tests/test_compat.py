@@ -653,7 +653,7 @@ def test_state_dict_after_break_still_counts_the_delivered_batches():
         for i, _ in enumerate(loader):
             if i == 2:
                 break
-        assert loader.state_dict()["position"] == 6
+        assert loader.state_dict()["cursor"]["position"] == 6
 
 
 def test_workers_exit_at_interpreter_exit():

@@ -114,7 +114,7 @@ def test_resume_delivers_exactly_the_rest(order, batch_size, stop_after, seed):
             if i == stop_after:
                 break
         state = loader.state_dict()
-    assert state["position"] == len(first)
+    assert state["cursor"]["position"] == len(first)
     with gl.DataLoader(ds, batch_size=batch_size, order=order) as resumed:
         resumed.load_state_dict(state)
         rest = delivered(resumed)
@@ -126,7 +126,7 @@ def test_state_after_a_full_epoch_points_at_the_next_epoch():
     with gl.DataLoader(make_dataset(), batch_size=64, shuffle=True, seed=0) as loader:
         delivered(loader)
         state = loader.state_dict()
-    assert (state["epoch"], state["position"]) == (1, 0)
+    assert state["cursor"] == {"epoch": 1, "position": 0}
 
 
 def test_state_does_not_count_read_ahead_batches():
@@ -134,35 +134,61 @@ def test_state_does_not_count_read_ahead_batches():
         it = iter(loader)
         next(it)
         next(it)
-        assert loader.state_dict()["position"] == 20
+        assert loader.state_dict()["cursor"]["position"] == 20
+
+
+def changed(state: dict, part: str, **change: object) -> dict:
+    """``state`` with ``state[part]`` updated by ``change`` (the original is left alone)."""
+    return dict(state, **{part: dict(state[part], **change)})
 
 
 def test_load_state_refuses_another_world_size():
     with gl.DataLoader(make_dataset(), batch_size=10) as loader:
-        state = dict(loader.state_dict(), world_size=4)
+        state = changed(loader.state_dict(), "order", world_size=4)
         with pytest.raises(ArgumentError, match="world_size=4"):
             loader.load_state_dict(state)
 
 
-@pytest.mark.parametrize("change, error, match", [
-    ({"position": -5}, ArgumentError, r"state\['position'\] must be an int >= 0; got -5"),
-    ({"position": 3.7}, ArgumentTypeError, r"state\['position'\] must be an int >= 0; got 3.7"),
-    ({"epoch": -1}, ArgumentError, r"state\['epoch'\] must be an int >= 0; got -1"),
-    ({"seed": "abc"}, ArgumentTypeError, r"state\['seed'\] must be an int or None; got 'abc'"),
+@pytest.mark.parametrize("part, change, error, match", [
+    ("cursor", {"position": -5}, ArgumentError,
+     r"state\['cursor'\]\['position'\] must be an int >= 0, got -5"),
+    ("cursor", {"position": 3.7}, ArgumentTypeError,
+     r"state\['cursor'\]\['position'\] must be an int >= 0, got float 3.7"),
+    ("cursor", {"epoch": -1}, ArgumentError,
+     r"state\['cursor'\]\['epoch'\] must be an int >= 0, got -1"),
+    ("order", {"seed": "abc"}, ArgumentTypeError,
+     r"state\['order'\]\['seed'\] must be an int or None, got str 'abc'"),
+    ("sizing", {"current": 0}, ArgumentError,
+     r"state\['sizing'\]\['current'\] must be an int >= 1, got 0"),
 ])
-def test_load_state_refuses_bad_values_when_loading_not_later(change, error, match):
+def test_load_state_refuses_bad_values_when_loading_not_later(part, change, error, match):
     with gl.DataLoader(make_dataset(), batch_size=10, shuffle=True, seed=0) as loader:
         with pytest.raises(error, match=match):
-            loader.load_state_dict(dict(loader.state_dict(), **change))
+            loader.load_state_dict(changed(loader.state_dict(), part, **change))
+        assert loader.state_dict()["cursor"] == {"epoch": 0, "position": 0}  # nothing changed
+
+
+@pytest.mark.parametrize("state, match", [
+    ({"version": 2, "seed": 0, "epoch": 0, "position": 10, "order": "shuffle",
+      "world_size": 1}, r"state has version 2, but this gpuloader reads state version 3 only"),
+    ({"version": 4}, r"state has version 4, but this gpuloader reads state version 3 only"),
+    ({"cursor": {}}, r"state has version None, but .*state version 3 only"),
+    ([1, 2], r"state must be a dict .*version 3.*got \[1, 2\]"),
+])
+def test_load_state_names_the_version_it_reads(state, match):
+    with gl.DataLoader(make_dataset(), batch_size=10) as loader:
+        with pytest.raises(ArgumentError, match=match):
+            loader.load_state_dict(state)
 
 
 def test_a_state_that_fails_to_start_is_kept_not_skipped():
     with gl.DataLoader(make_dataset(), batch_size=10, shuffle=True, seed=0) as loader:
-        state = dict(loader.state_dict(), position=N + 1)  # saved with a larger dataset
+        # saved with a larger dataset
+        state = changed(loader.state_dict(), "cursor", position=N + 1)
         loader.load_state_dict(state)
         with pytest.raises(ArgumentError, match=f"position {N + 1} is beyond"):
             iter(loader)
-        assert (loader.state_dict()["epoch"], loader.state_dict()["position"]) == (0, N + 1)
+        assert loader.state_dict()["cursor"] == {"epoch": 0, "position": N + 1}
         with pytest.raises(ArgumentError, match="is beyond"):
             iter(loader)  # not silently the next epoch
 
@@ -173,15 +199,18 @@ def test_load_state_refuses_a_state_from_before_span_orders():
     with gl.DataLoader(make_dataset(), batch_size=10, shuffle=True, seed=0) as loader:
         state = dict(loader.state_dict(), version=1)
         with pytest.raises(ArgumentError, match=r"state has version 1, but this gpuloader reads "
-                                                r"state version 2 only .*set_epoch"):
+                                                r"state version 3 only .*set_epoch"):
             loader.load_state_dict(state)
 
 
 def test_load_state_names_missing_keys():
     with gl.DataLoader(make_dataset(), batch_size=10) as loader:
         state = loader.state_dict()
-        del state["world_size"]
-        with pytest.raises(ArgumentError, match="state is missing 'world_size'"):
+        del state["order"]["world_size"]
+        with pytest.raises(ArgumentError, match=r"state\['order'\] is missing 'world_size'"):
+            loader.load_state_dict(state)
+        del state["cursor"]
+        with pytest.raises(ArgumentError, match="state is missing 'cursor'"):
             loader.load_state_dict(state)
 
 
@@ -291,7 +320,7 @@ def test_subset_and_tensordataset_take_the_fast_path():
     ({"batch_size": "big"}, ArgumentTypeError, "batch_size must be"),
     ({"order": "random"}, ArgumentError, "order"),
     ({"shuffle": True, "order": "sequential"}, ArgumentError, "contradicts shuffle=True"),
-    ({"prefetch_depth": -1}, ArgumentError, "prefetch_depth must be an int >= 0; got -1"),
+    ({"prefetch_depth": -1}, ArgumentError, "prefetch_depth must be an int >= 0, got -1"),
     ({"reader_threads": 0}, ArgumentError, "reader_threads must be a positive int"),
     ({"memory_fraction": 1.5}, ArgumentError, "memory_fraction"),
     ({"memory_budget": -5}, ArgumentError, "memory_budget"),

@@ -1,4 +1,5 @@
-"""Tests of gpuloader.memory: probes, the batch sizer (NOTE(batch-sizing)) and CostModel."""
+"""Tests of gpuloader.probes and gpuloader.planning: probes, the batch sizer
+(NOTE(batch-sizing)) and CostModel."""
 from __future__ import annotations
 
 import math
@@ -19,24 +20,26 @@ from gpuloader.errors import (
     GpuLoaderError,
     MemoryProbeError,
 )
-from gpuloader.memory import (
+from gpuloader.planning import (
     UNKNOWN_COST_CAP,
     CostModel,
+    SizerConfig,
+    SizingOptions,
+    plan_batch_size,
+    validate_batch_bounds,
+    validate_memory_fraction,
+    validate_sample_bytes,
+)
+from gpuloader.probes import (
     CudaProbe,
     FixedProbe,
     HostProbe,
     MemoryInfo,
     MemoryProbe,
     NvmlProbe,
-    SizerConfig,
     memory_info,
-    plan_batch_size,
     probe_for,
-    validate_batch_bounds,
     validate_memory_budget,
-    validate_memory_fraction,
-    validate_sample_bytes,
-    validate_sizing,
 )
 
 FAST = settings(max_examples=80, deadline=None)
@@ -207,7 +210,7 @@ def test_cost_model_recovers_a_line():
         model.observe(size, 3 * MiB + size * 4096)
     assert model.per_sample == pytest.approx(4096)
     assert model.intercept == pytest.approx(3 * MiB)
-    assert model.predict(1000) == pytest.approx(3 * MiB + 1000 * 4096)
+    assert model.intercept + model.per_sample * 1000 == pytest.approx(3 * MiB + 1000 * 4096)
     # floor((floor(100 MiB * 0.5) - 3 MiB) / 4096) = 12032
     assert model.predict_max_batch(100 * MiB, 0.5) == 12032
     assert model.predict_max_batch(MiB, 0.5) == 0
@@ -221,7 +224,8 @@ def test_cost_model_line_bounds_every_observation():
         model.observe(int(size), int(5000 + 300 * size + rng.integers(0, 2000)))
     assert model.per_sample == pytest.approx(300, rel=0.05)
     for size in sizes:
-        assert model.predict(int(size)) >= 5000 + 300 * size  # never under the noise-free line
+        # never under the noise-free line
+        assert model.intercept + model.per_sample * int(size) >= 5000 + 300 * size
 
 
 def test_cost_model_clamps_and_bounds():
@@ -258,8 +262,8 @@ def test_validators_accept():
     assert validate_sample_bytes(0) == 0
     assert validate_batch_bounds(2, None) == (2, None)
     assert validate_batch_bounds(2, 2) == (2, 2)
-    validate_sizing(memory_fraction=0.5, memory_budget=GiB, sample_bytes=10, min_batch_size=1,
-                    max_batch_size=64)
+    assert SizingOptions(memory_fraction=0.5, sample_bytes=10, min_batch_size=1,
+                         max_batch_size=np.int64(64)) == SizingOptions(0.5, 10, 1, 64)
 
 
 @pytest.mark.parametrize("call, error, pattern", [
@@ -276,7 +280,7 @@ def test_validators_accept():
      r"min_batch_size must be a positive int, got 0"),
     (lambda: validate_batch_bounds(1, "big"), ArgumentTypeError,
      r"max_batch_size must be a positive int or None, got str 'big'"),
-    (lambda: validate_sizing(sample_bytes=-1), ArgumentError, r"sample_bytes"),
+    (lambda: SizingOptions(sample_bytes=-1), ArgumentError, r"sample_bytes"),
 ])
 def test_validators_reject(call, error, pattern):
     with pytest.raises(error, match=pattern):

@@ -40,7 +40,7 @@ def test_processes_deliver_every_row_exactly_once(gzip_file, order):
     with gl.DataLoader(ds, batch_size=256, order=order, seed=1, num_workers=2) as loader:
         seen = []
         for batch in loader:
-            assert isinstance(loader._pool, ProcessReaderPool)
+            assert isinstance(loader._fast.pool, ProcessReaderPool)
             np.testing.assert_array_equal(batch["x"].numpy(), expected[batch["y"].numpy()])
             seen.extend(batch["y"].tolist())
     assert sorted(seen) == list(range(N))
@@ -144,12 +144,13 @@ def test_close_releases_shared_memory_and_fds_while_the_loader_lives(gzip_file):
     loader = gl.DataLoader(ds, batch_size=256, num_workers=2)
     for _ in loader:
         pass
-    assert isinstance(loader._pool, ProcessReaderPool)
+    pool = loader._fast.pool
+    assert isinstance(pool, ProcessReaderPool)
     assert shared_memory_mappings() > mappings
     loader.close()
     assert shared_memory_mappings() == mappings
     assert open_fds() <= fds
-    assert not loader._pool.alive
+    assert not pool.alive
 
 
 class StuckSource(BrokenSource):

@@ -89,7 +89,7 @@ def test_resume_mid_epoch_continues_exactly(tmp_path: Path, gbs: Optional[int]) 
     assert [r["epoch"] for r in _metrics(cfg)] == [1]
     state = torch.load(Path(cfg.output) / train.CHECKPOINT, weights_only=True)
     assert state["step"] == stop_at and state["epochs_done"] == 1
-    assert 0 < state["loader"]["position"] < N
+    assert 0 < state["loader"]["cursor"]["position"] < N
 
     rest = train.run(cfg, resume=True)
     assert [r["epoch"] for r in rest] == [2, 3]

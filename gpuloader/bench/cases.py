@@ -12,6 +12,7 @@ from gpuloader.bench.baselines import (HideBatchedHook, PerSampleDataset, Stream
 from gpuloader.bench.checks import positive_int, resolve_device
 from gpuloader.bench.timing import leaves
 from gpuloader.bench.raw import RawField, as_raw_fields, close_raw
+from gpuloader.checks import torch_dtype
 from gpuloader.errors import ArgumentError
 
 #: Every case name ``loaders=`` accepts (see the module docstring).
@@ -242,7 +243,7 @@ def _sample_layout(s: Setup) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
     if isinstance(fields, Mapping) and fields:
         layout = {}
         for name, spec in fields.items():
-            dt = torch.from_numpy(np.empty(0, dtype=np.dtype(spec.dtype))).dtype
+            dt = torch_dtype(np.dtype(spec.dtype))
             layout[str(name)] = (tuple(spec.shape), dt)
         return layout
     sample = s.dataset[0]

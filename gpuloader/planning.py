@@ -1,0 +1,278 @@
+"""Planning batch sizes from free memory: the sizer behind ``batch_size="auto"`` and the
+learned cost model.  Pure arithmetic, unit-testable without devices; the figures come from the
+probes in probes.py.
+
+NOTE(batch-sizing): ``plan_batch_size(free, cfg, learned)`` returns, in this order:
+
+=====  ======================================================================================
+1      ``staging = staging_bytes_per_sample * ring_slots`` (the staging ring holds every slot);
+       ``step, fixed = learned.per_sample, learned.intercept`` when ``learned`` has a fit,
+       else ``sample_bytes, 0``
+2      ``size = (floor(free * memory_fraction) - ceil(fixed)) // (staging + ceil(step))``
+       (no memory bound when that cost is 0)
+3      step cost unknown (``sample_bytes == 0``, no fit) and ``max_batch_size is None``:
+       ``size = min(size, unknown_cost_cap // staging)`` (the 1 GiB staging cap)
+4      ``size >= 8``: round down to a multiple of 8
+5      clamp to ``[min_batch_size, max_batch_size]`` (explicit bounds win over the rounding)
+6      ``min(size, dataset_len)``, then at least 1
+=====  ======================================================================================
+
+Each step is non-decreasing in ``free``, so the result is too.  Whenever the result is above
+``min_batch_size``, ``result * (staging + step) + fixed <= free * memory_fraction``.
+``free`` must count the memory the batches may use, including the staging ring's own bytes if
+it is already allocated.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import sys
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+from gpuloader.checks import as_int, int_at_least
+from gpuloader.errors import ArgumentError, ArgumentTypeError, describe
+from gpuloader.probes import MemoryProbe
+
+__all__ = ["SizerConfig", "SizingOptions", "plan_batch_size", "CostModel", "FreeMemory",
+           "validate_memory_fraction", "validate_sample_bytes", "validate_batch_bounds"]
+
+#: Staging-ring cap (bytes) while the per-sample step cost is unknown, see NOTE(batch-sizing).
+UNKNOWN_COST_CAP = 1 << 30
+
+
+def validate_memory_fraction(memory_fraction: object) -> float:
+    """``memory_fraction`` as a float in ``(0, 1]``: the share of free memory sizing plans for."""
+    accepted = "a number in (0, 1], the share of free memory batches may use"
+    if isinstance(memory_fraction, bool) or not isinstance(memory_fraction, numbers.Real):
+        raise ArgumentTypeError(
+            f"memory_fraction must be {accepted}, got "
+            f"{type(memory_fraction).__name__} {describe(memory_fraction)}"
+        )
+    value = float(memory_fraction)
+    if not 0.0 < value <= 1.0:  # also refuses NaN
+        raise ArgumentError(f"memory_fraction must be {accepted}, got {describe(memory_fraction)}")
+    return value
+
+
+def validate_sample_bytes(sample_bytes: object) -> int:
+    """``sample_bytes`` as an int >= 0: extra bytes one sample costs in the step (0: unknown)."""
+    return int_at_least(
+        "sample_bytes",
+        sample_bytes,
+        0,
+        "an int >= 0 of bytes one sample costs in the training step (0 if unknown)",
+    )
+
+
+def validate_batch_bounds(
+    min_batch_size: object, max_batch_size: object
+) -> Tuple[int, Optional[int]]:
+    """``(min_batch_size, max_batch_size)``: positive ints with min <= max; max may be None."""
+    low = int_at_least("min_batch_size", min_batch_size, 1, "a positive int")
+    if max_batch_size is None:
+        return low, None
+    high = int_at_least("max_batch_size", max_batch_size, 1, "a positive int or None")
+    if high < low:
+        raise ArgumentError(
+            f"max_batch_size must be None or >= min_batch_size={low}, got max_batch_size={high}"
+        )
+    return low, high
+
+
+@dataclass(frozen=True)
+class SizerConfig:
+    """Inputs of ``plan_batch_size`` that do not change between plans (see NOTE(batch-sizing)).
+
+    Bytes throughout.  ``staging_bytes_per_sample``: one sample over all fields;
+    ``ring_slots``: how many batch-sized staging slots exist at once.
+    Pass fields by keyword.
+    """
+
+    staging_bytes_per_sample: int
+    ring_slots: int
+    dataset_len: int
+    memory_fraction: float = 0.8
+    sample_bytes: int = 0
+    min_batch_size: int = 1
+    max_batch_size: Optional[int] = None
+    unknown_cost_cap: int = UNKNOWN_COST_CAP
+
+    def __post_init__(self) -> None:
+        values = {
+            "staging_bytes_per_sample": int_at_least(
+                "staging_bytes_per_sample", self.staging_bytes_per_sample, 0, "an int >= 0"
+            ),
+            "ring_slots": int_at_least("ring_slots", self.ring_slots, 1, "a positive int"),
+            "dataset_len": int_at_least("dataset_len", self.dataset_len, 0, "an int >= 0"),
+            "memory_fraction": validate_memory_fraction(self.memory_fraction),
+            "sample_bytes": validate_sample_bytes(self.sample_bytes),
+            "unknown_cost_cap": int_at_least(
+                "unknown_cost_cap", self.unknown_cost_cap, 1, "a positive int of bytes"
+            ),
+        }
+        values["min_batch_size"], values["max_batch_size"] = validate_batch_bounds(
+            self.min_batch_size, self.max_batch_size
+        )
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+
+def plan_batch_size(
+    free_bytes: int, cfg: SizerConfig, learned: Optional["CostModel"] = None
+) -> int:
+    """Batch size for ``free_bytes`` of free memory, following NOTE(batch-sizing).
+
+    Negative ``free_bytes`` counts as 0.  ``learned`` replaces ``cfg.sample_bytes`` once it has a
+    fit.
+    """
+    free = max(0, as_int("free_bytes", free_bytes, "an int of bytes"))
+    staging = cfg.staging_bytes_per_sample * cfg.ring_slots
+    fit = learned.fit if learned is not None else None
+    fitted = fit is not None
+    if fit is not None:
+        step, fixed = math.ceil(fit[0]), math.ceil(fit[1])
+    else:
+        step, fixed = cfg.sample_bytes, 0
+    cost = staging + step
+    if cost > 0:
+        size = max(0, math.floor(free * cfg.memory_fraction) - fixed) // cost
+    elif fixed > free * cfg.memory_fraction:  # even the fixed part does not fit
+        size = 0
+    else:  # nothing scales with the batch: memory sets no bound
+        size = sys.maxsize
+    if not fitted and cfg.sample_bytes == 0 and cfg.max_batch_size is None and staging > 0:
+        size = min(size, cfg.unknown_cost_cap // staging)
+    if size >= 8:
+        size -= size % 8
+    size = max(size, cfg.min_batch_size)
+    if cfg.max_batch_size is not None:
+        size = min(size, cfg.max_batch_size)
+    return max(1, min(size, cfg.dataset_len))
+
+
+class CostModel:
+    """Online linear model of a training step's peak memory versus batch size.
+
+    ``observe(batch_size, peak_bytes)`` records a measured peak (bytes the step needed beyond what
+    was allocated before it).  The largest peak per batch size is kept, for the ``max_points``
+    most recently seen sizes (bounded memory).  Once two distinct sizes are known:
+    ``per_sample`` is the least-squares slope (clamped >= 0) and ``intercept`` is chosen so the
+    line lies on or above every kept observation — an under-estimate costs an OOM, an
+    over-estimate only a slightly smaller batch.  Not thread-safe; the loader owns one.
+    """
+
+    def __init__(self, *, max_points: int = 64) -> None:
+        self._max_points = int_at_least("max_points", max_points, 2, "an int >= 2")
+        self._peaks: Dict[int, int] = {}
+        self._fit: Optional[Tuple[float, float]] = None
+
+    def __repr__(self) -> str:
+        return (
+            f"CostModel(points={len(self._peaks)}, per_sample={self.per_sample}, "
+            f"intercept={self.intercept})"
+        )
+
+    def observe(self, batch_size: int, peak_bytes: int) -> None:
+        """Record that a step on ``batch_size`` samples peaked at ``peak_bytes`` bytes."""
+        size = int_at_least("batch_size", batch_size, 1, "a positive int")
+        peak = int_at_least("peak_bytes", peak_bytes, 0, "an int >= 0 of bytes")
+        previous = self._peaks.pop(size, None)
+        self._peaks[size] = peak if previous is None else max(previous, peak)
+        while len(self._peaks) > self._max_points:
+            del self._peaks[next(iter(self._peaks))]
+        self._fit = self._solve()
+
+    def reset(self) -> None:
+        """Forget every observation (e.g. after the model or optimizer changed)."""
+        self._peaks.clear()
+        self._fit = None
+
+    def _solve(self) -> Optional[Tuple[float, float]]:
+        if len(self._peaks) < 2:
+            return None
+        xs = list(self._peaks)
+        ys = [float(self._peaks[x]) for x in xs]
+        mean_x = sum(xs) / len(xs)
+        mean_y = sum(ys) / len(ys)
+        sxx = sum((x - mean_x) ** 2 for x in xs)
+        sxy = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys))
+        slope = max(0.0, sxy / sxx)
+        intercept = max(y - slope * x for x, y in zip(xs, ys))
+        return slope, max(0.0, intercept)
+
+    @property
+    def fit(self) -> Optional[Tuple[float, float]]:
+        """``(per_sample, intercept)`` in bytes, or None before two distinct sizes are seen."""
+        return self._fit
+
+    @property
+    def has_fit(self) -> bool:
+        """True once two distinct batch sizes have been observed."""
+        return self._fit is not None
+
+    @property
+    def per_sample(self) -> Optional[float]:
+        """Bytes each extra sample adds to the step's peak; None before a fit."""
+        return None if self._fit is None else self._fit[0]
+
+    @property
+    def intercept(self) -> Optional[float]:
+        """Bytes the step needs whatever the batch size; None before a fit."""
+        return None if self._fit is None else self._fit[1]
+
+    def predict_max_batch(self, free_bytes: int, fraction: float = 0.8) -> Optional[int]:
+        """Largest batch whose predicted step peak fits ``free_bytes * fraction`` (may be 0).
+
+        None before a fit, and when the peak does not grow with the batch (memory sets no bound).
+        """
+        share = validate_memory_fraction(fraction)
+        free = max(0, as_int("free_bytes", free_bytes, "an int of bytes"))
+        if self._fit is None or self._fit[0] <= 0.0:
+            return None
+        slope, intercept = self._fit
+        room = math.floor(free * share) - math.ceil(intercept)
+        return max(0, math.floor(room / slope))
+
+
+@dataclass(frozen=True)
+class SizingOptions:
+    """The loader's options for ``batch_size="auto"`` and out-of-memory shrinking, checked:
+    ``memory_fraction`` (share of free memory to plan for), ``sample_bytes`` (bytes one sample
+    costs in the step, 0: unknown) and the bounds ``min_batch_size`` / ``max_batch_size``."""
+
+    memory_fraction: float = 0.8
+    sample_bytes: int = 0
+    min_batch_size: int = 1
+    max_batch_size: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        fraction = validate_memory_fraction(self.memory_fraction)
+        sample_bytes = validate_sample_bytes(self.sample_bytes)
+        low, high = validate_batch_bounds(self.min_batch_size, self.max_batch_size)
+        for name, value in (("memory_fraction", fraction), ("sample_bytes", sample_bytes),
+                            ("min_batch_size", low), ("max_batch_size", high)):
+            object.__setattr__(self, name, value)  # normalised values of a frozen dataclass
+
+    def config(self, *, staging_bytes_per_sample: int, ring_slots: int,
+               dataset_len: int) -> SizerConfig:
+        """The sizer's inputs for a dataset and ring of these dimensions."""
+        return SizerConfig(staging_bytes_per_sample=staging_bytes_per_sample,
+                           ring_slots=ring_slots, dataset_len=dataset_len,
+                           memory_fraction=self.memory_fraction, sample_bytes=self.sample_bytes,
+                           min_batch_size=self.min_batch_size,
+                           max_batch_size=self.max_batch_size)
+
+
+@dataclass
+class FreeMemory:
+    """Memory free for batches now, in bytes: ``probe``'s figure plus ``held``, the bytes of the
+    staging ring once it is allocated — the plan counts the ring as part of each batch's cost, so
+    its own bytes are free for it (NOTE(batch-sizing)).  The loader sets ``held``; it stays 0
+    with a fixed ``memory_budget``, which already is what batches may use."""
+
+    probe: MemoryProbe
+    held: int = 0
+
+    def __call__(self) -> int:
+        return self.probe.read().free + self.held
