@@ -53,7 +53,7 @@ from typing import Deque, List, Optional, Sequence, Tuple
 import numpy as np
 
 from gpuloader.errors import ArgumentError
-from gpuloader.memory import _int_at_least
+from gpuloader.checks import int_at_least as _int_at_least
 
 __all__ = ["StepCost", "ShapeCostModel"]
 
