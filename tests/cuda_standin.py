@@ -23,9 +23,10 @@ class WaitedForGpu(AssertionError):
 
 
 class FakeStream:
-    def __init__(self, fake: "FakeCuda", name: str) -> None:
+    def __init__(self, fake: "FakeCuda", name: str, handle: int = 0) -> None:
         self.fake = fake
         self.name = name
+        self.cuda_stream = handle  # the cudaStream_t as an int (0: the default stream)
 
     def wait_event(self, event: "FakeEvent") -> None:
         self.fake.log.append(("wait", self.name, event.stream_name, event.id))
@@ -91,7 +92,7 @@ class FakeCuda:
     # streams and events
     def Stream(self, device: Any = None) -> FakeStream:  # noqa: N802 - torch's name
         self._streams += 1
-        return FakeStream(self, f"side{self._streams}")
+        return FakeStream(self, f"side{self._streams}", handle=1000 + self._streams)
 
     @contextlib.contextmanager
     def stream(self, stream: FakeStream) -> Iterator[None]:
