@@ -93,6 +93,18 @@ def average_gradients(model: nn.Module, world_size: int) -> None:
         offset += g.numel()
 
 
+def train_step(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+               oom: bool = False) -> torch.Tensor:
+    """Forward and backward; returns the loss, detached.  A function, so that when it runs out
+    of memory its activations die with its frame and oom_guard can free them before the retry
+    (bound in the loop body, they would outlive the guard).  ``oom`` simulates the error."""
+    loss = loss_fn(model(x), y)
+    if oom:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+    loss.backward()
+    return loss.detach()
+
+
 def main() -> None:
     args = parse_args()
     rank, world_size, device = setup()
@@ -125,11 +137,7 @@ def main() -> None:
             x, y = batch["x"], batch["y"]
             with loader.oom_guard(optimizer) as guard:
                 with ddp.no_sync():  # no gradient all-reduce until every rank has succeeded
-                    loss = loss_fn(ddp(x), y)
-                    if oom_at == (rank, step):
-                        raise torch.cuda.OutOfMemoryError(
-                            f"CUDA out of memory (simulated on rank {rank}, step {step})")
-                    loss.backward()
+                    loss = train_step(ddp, loss_fn, x, y, oom=oom_at == (rank, step))
             step += 1
             if guard.failed:  # rolled back on every rank; the samples come again, smaller
                 rollbacks += 1
@@ -141,7 +149,7 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
             samples += len(y)
             batches += 1
-            loss_sum += float(loss.detach()) * len(y)
+            loss_sum += float(loss) * len(y)
         total = torch.tensor([samples], dtype=torch.int64,
                              device=device if device.type == "cuda" else "cpu")
         dist.all_reduce(total)

@@ -345,6 +345,20 @@ class _Run:
     def _split(self, batch: Any) -> Tuple[torch.Tensor, torch.Tensor]:
         return (prepare_inputs(batch[self.cfg.data.inputs]), batch[self.cfg.data.targets])
 
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor,
+                          weight: Optional[float]) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns the loss, detached.
+
+        A method of its own so that the activations (``out``, the graph behind ``loss``) are
+        locals of a frame that ends when an out-of-memory error leaves it: ``oom_guard`` can
+        then free them before it re-plans.  Bound in the loop body, they would live on through
+        the guard's ``gc`` and ``empty_cache``, and the retry would run next to them.
+        """
+        out = self.model(x)
+        loss = self.loss_fn(out, prepare_targets(self.cfg.train.loss, y, out))
+        (loss * weight if weight is not None else loss).backward()
+        return loss.detach()
+
     def train_epoch(self, epoch: int) -> bool:
         """Train (the rest of) ``epoch``; False when the run stopped early."""
         self.model.train()
@@ -371,9 +385,7 @@ class _Run:
                     x, y = self._split(batch)
                     guard = self.loader.oom_guard(self.optimizer)
                     with guard:
-                        out = self.model(x)
-                        loss = self.loss_fn(out, prepare_targets(self.cfg.train.loss, y, out))
-                        (loss * weight if accumulating else loss).backward()
+                        loss = self._forward_backward(x, y, weight if accumulating else None)
                     if guard.failed:
                         # NOTE(exactly-once) in adaptive.py: with an optimizer the guard rewinds
                         # to the start of the step and zeroes the gradients, so the step's
@@ -384,7 +396,7 @@ class _Run:
                         step_samples = 0
                         continue
                     b = int(x.shape[0])
-                    step_loss += loss.detach().double() * b
+                    step_loss += loss.double() * b
                     step_samples += b
                 if failed and not accumulating:
                     continue  # rolled back: the same samples come again, smaller
