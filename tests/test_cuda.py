@@ -186,3 +186,56 @@ def test_learned_step_cost_ignores_memory_the_first_step_keeps():
                 opt.zero_grad()
         assert loader.cost_model.has_fit
         assert loader.cost_model.per_sample < 1 << 20  # half what the kept state would add
+
+
+def test_batches_used_on_another_stream_after_record_stream_are_right():
+    # NOTE(stream-rule): the side stream waits for the batch's copy, and the slot is rewritten
+    # only after the work queued on both streams.  GPU clones, compared at the end.
+    side = torch.cuda.Stream()
+    xs, ys = [], []
+    full = torch.from_numpy(np.arange(N * 64, dtype=np.float32).reshape(N, 64)).cuda()
+    with gl.DataLoader(make_dataset(), batch_size=64, shuffle=True, seed=2, device="cuda",
+                       prefetch_depth=1) as loader:
+        for batch in loader:
+            loader.record_stream(batch, side)
+            with torch.cuda.stream(side):
+                xs.append(_busy_step(batch["x"]))
+                ys.append(_busy_step(batch["y"]))
+    torch.cuda.current_stream().wait_stream(side)
+    x, y = torch.cat(xs), torch.cat(ys)
+    assert torch.equal(x, full[y])
+    assert torch.equal(torch.sort(y).values.cpu(), torch.arange(N))
+
+
+def test_a_fixed_batch_size_guard_leaves_the_peak_statistics_alone():
+    big = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    del big
+    peak = torch.cuda.max_memory_allocated()
+    with gl.DataLoader(make_dataset(), batch_size=100, device="cuda") as loader:
+        for batch in loader:
+            with loader.oom_guard():
+                batch["x"].sum()
+    assert torch.cuda.max_memory_allocated() >= peak
+
+
+def test_auto_keeps_the_users_peak_in_stats():
+    big = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    del big
+    peak = torch.cuda.max_memory_allocated()
+    with gl.DataLoader(make_dataset(), batch_size="auto", max_batch_size=256,
+                       device="cuda") as loader:
+        for batch in loader:
+            with loader.oom_guard():
+                batch["x"].sum()
+        assert loader.stats()["max_memory_allocated"] >= peak
+
+
+def test_free_memory_respects_the_process_memory_fraction():
+    torch.cuda.init()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(0.1, 0)
+    try:
+        info = gl.memory_info("cuda:0")
+        assert info.free <= 0.1 * total
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, 0)
