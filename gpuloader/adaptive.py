@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import gc
 import traceback
+import warnings
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 
+from gpuloader.allocator import StepMemory
 from gpuloader.checks import int_at_least
 from gpuloader.epoch import EpochCursor, EpochTracker
 from gpuloader.errors import ArgumentError, ArgumentTypeError, add_note, describe
@@ -39,12 +41,6 @@ def is_oom_error(exc: BaseException) -> bool:
     if isinstance(exc, (oom_type, torch.cuda.OutOfMemoryError)):
         return True
     return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _CPU_OOM_MARKERS)
-
-
-def _free_device_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
 
 
 def planned_size(free: FreeMemory, config: SizerConfig, world: World,
@@ -87,6 +83,7 @@ class AdaptiveBatch:
         #: Set by ``accumulate`` while a step runs: where that step's samples start.
         self.step_start: Optional[int] = None
         self._guarded_steps = 0  # successful oom_guard steps (NOTE(learned-cost))
+        self._warned_unzeroed = False
 
     @property
     def world(self) -> World:
@@ -143,6 +140,18 @@ class AdaptiveBatch:
         if self.auto and self.cost_model.has_fit and self._guarded_steps % REPLAN_STEPS == 0:
             self.controller.set_target(min(self.capacity, self.plan()))
 
+    def warn_unzeroed(self) -> None:
+        """Warn (once per loader) that a step was rolled back with nothing to zero: gradients
+        its ``backward`` had accumulated before running out of memory stay, so the samples it
+        re-delivers would count twice."""
+        if self._warned_unzeroed:
+            return
+        self._warned_unzeroed = True
+        warnings.warn("gpuloader: oom_guard() rolled a step back but has nothing to zero: "
+                      "gradients the failed step had already accumulated are kept, so its "
+                      "re-delivered samples count twice. Pass the optimizer (or the model): "
+                      "loader.oom_guard(optimizer)", UserWarning, stacklevel=3)
+
     def learn(self, size: int, peak_bytes: int) -> None:
         """A guarded step of ``size`` samples needed ``peak_bytes`` beyond what it started with."""
         self.cost_model.observe(size, max(0, peak_bytes))
@@ -175,20 +184,20 @@ class OomGuard:
     """
 
     def __init__(self, epochs: EpochTracker, sizing: Optional[AdaptiveBatch], world: World,
-                 device: Optional[torch.device],
-                 optimizer: Optional[torch.optim.Optimizer]) -> None:
-        if optimizer is not None and not hasattr(optimizer, "zero_grad"):
-            raise ArgumentTypeError(f"optimizer must be a torch.optim.Optimizer or None, got "
-                                    f"{type(optimizer).__name__} {describe(optimizer)}")
+                 optimizer: Any, *, memory: Optional[StepMemory] = None) -> None:
+        if optimizer is not None and not callable(getattr(optimizer, "zero_grad", None)):
+            raise ArgumentTypeError(
+                f"optimizer must be something with zero_grad() — the torch.optim.Optimizer or "
+                f"the nn.Module being trained — or None, got {type(optimizer).__name__} "
+                f"{describe(optimizer)}")
         self.epochs = epochs
         self.sizing = sizing
         self.world = sizing.world if sizing is not None else world
-        self.device = device
-        self.optimizer = optimizer
+        self.optimizer = optimizer  # anything with zero_grad(set_to_none=...)
+        self.memory = memory        # the CUDA device's allocator view; None off CUDA
         self.failed = False
         self._batch_start = 0
         self._batch_length = 0
-        self._allocated_before = 0
 
     def __enter__(self) -> "OomGuard":
         cursor = self.epochs.active
@@ -196,9 +205,8 @@ class OomGuard:
             raise RuntimeError("oom_guard() must be used inside a loop over the loader, "
                                "after a batch was delivered")
         self._batch_start, self._batch_length = cursor.last_start, cursor.last_length
-        if self.device is not None and self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._allocated_before = torch.cuda.memory_allocated(self.device)
+        if self.memory is not None:
+            self.memory.begin()  # resets torch's peak only when learning (NOTE(user-peak))
         return self
 
     def __exit__(self, exc_type: Any, exc: Optional[BaseException], tb: Any) -> bool:
@@ -212,12 +220,20 @@ class OomGuard:
             return False
         if exc is not None:
             # A live traceback pins the failed step's tensors: clear its finished frames before
-            # collecting, or the memory we are about to ask for stays in use.
+            # collecting, or the memory we are about to ask for stays in use.  (The frame that
+            # runs the `with` is not finished: its locals stay — run steps in a function.)
             traceback.clear_frames(tb)
         del tb
-        _free_device_memory()
+        # Gradients first, then collect and empty the cache: the re-plan in roll_back then
+        # measures the memory free once all of the failed step is gone.
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
+        elif self.sizing is not None:
+            self.sizing.warn_unzeroed()
+        if self.memory is not None:
+            self.memory.release()
+        else:
+            gc.collect()
         # The epoch's cursor, also after its iterator was dropped (a break inside the guard
         # leaves a StoppedEpoch: epoch.py).
         cursor = self.epochs.active
@@ -240,17 +256,15 @@ class OomGuard:
         return True
 
     def _learn_cost(self, sizing: AdaptiveBatch) -> None:
-        device = self.device
-        if device is None or device.type != "cuda" or self._batch_length == 0:
-            return
         # Memory the step left allocated (optimizer state made by the first step, gradients kept
         # until the next zero_grad, ...) is not a per-step cost: every later plan's free-memory
         # probe already sees it as used.  Counting it would inflate the fit — on the slope when
         # the two batch sizes seen are close (say 256 and an epoch's tail of 250, the first
         # step's Adam state / 6 per sample) — and collapse the re-planned "auto" size.
-        after = torch.cuda.memory_allocated(device)
-        sizing.learn(self._batch_length,
-                     torch.cuda.max_memory_allocated(device) - max(self._allocated_before, after))
+        # StepMemory.step_peak leaves it out; it is None unless learning (batch_size="auto").
+        peak = self.memory.step_peak() if self.memory is not None else None
+        if peak is not None and self._batch_length > 0:
+            sizing.learn(self._batch_length, peak)
 
 
 class Step:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Deque, Dict, List, Mapping, Optional
 
 import numpy as np
@@ -29,6 +29,7 @@ import torch
 
 from gpuloader.checks import torch_dtype
 from gpuloader.sources.base import FieldSpec
+from gpuloader.streams import CUDA
 
 #: Debug switch: poison recycled slots (see module docstring).
 POISON: bool = os.environ.get("GPULOADER_POISON", "") not in ("", "0")
@@ -133,7 +134,12 @@ class DeviceSlot:
 
     tensors: Dict[str, torch.Tensor]
     ready: Optional["torch.cuda.Event"] = None      # copy into this slot finished
-    released: Optional["torch.cuda.Event"] = None   # consumer stream done with the old batch
+    #: One event per stream that used the old batch, recorded at its release: the next copy
+    #: into the slot waits for all of them.
+    released: List["torch.cuda.Event"] = field(default_factory=list)
+    #: Streams that use the batch handed out: the drawing stream, plus any given to
+    #: :meth:`DeviceRing.add_user` (NOTE(stream-rule) in streams.py).
+    users: List[Any] = field(default_factory=list)
     used: bool = False
     rows: int = 0
 
@@ -147,9 +153,9 @@ class DeviceRing:
 
     def __init__(self, fields: Mapping[str, FieldSpec], capacity: int, slots: int,
                  device: torch.device, *, reuse: bool = True, cuda: Any = None) -> None:
-        # ``cuda``: the torch.cuda namespace (Stream, stream, Event, current_stream); tests
-        # pass a recording stand-in to check the event logic without a GPU.
-        self._cuda = torch.cuda if cuda is None else cuda
+        # ``cuda``: the CUDA calls (streams.CudaApi); tests pass a recording stand-in to check
+        # the event logic without a GPU.
+        self._cuda = CUDA if cuda is None else cuda
         self.device = device
         self.fields = dict(fields)
         self.reuse = reuse
@@ -184,9 +190,9 @@ class DeviceRing:
             with self._cuda.stream(self.stream):
                 slot = DeviceSlot(allocate(self.fields, rows, device=self.device))
         with self._cuda.stream(self.stream):
-            if slot.released is not None:
-                self.stream.wait_event(slot.released)
-                slot.released = None
+            for released in slot.released:
+                self.stream.wait_event(released)
+            slot.released = []
             if slot.used and POISON:
                 poison_(slot.tensors)
             for name, src in host.tensors.items():
@@ -202,7 +208,8 @@ class DeviceRing:
     def hand_out(self, slot: DeviceSlot) -> Dict[str, torch.Tensor]:
         """Make the consumer's current stream wait for ``slot``'s copy; return row views.
 
-        Also releases the slot handed out ``slots - 1`` draws ago (NOTE(slot-lifetime)), so the
+        The batch is the current stream's (NOTE(stream-rule) in streams.py): its slot is
+        released on that stream, whichever is current at later draws.  Also releases the slot handed out ``slots - 1`` draws ago (NOTE(slot-lifetime)), so the
         caller may start the next copy right after.  Fresh tensors (``reuse=False``) are the
         caller's: nothing is released, and holding them would keep freed batches alive.
         """
@@ -216,18 +223,33 @@ class DeviceRing:
             # Fresh tensors were written on the copy stream; tell the caching allocator that the
             # consumer's stream uses them so their memory is not recycled under it.
             for t in views.values():
-                t.record_stream(current)
+                self._cuda.record_stream(t, current)
         else:
+            slot.users = [current]
             self._handed.append(slot)
             if len(self._handed) > self._keep:
                 self._release(self._handed.popleft())
         return views
 
     def _release(self, slot: DeviceSlot) -> None:
-        """Record that work queued so far on the consumer stream is all that uses ``slot``."""
-        event = self._cuda.Event()
-        event.record(self._cuda.current_stream(self.device))
-        slot.released = event
+        """Record that work queued so far on the batch's streams is all that uses ``slot``."""
+        for stream in slot.users:
+            event = self._cuda.Event()
+            event.record(stream)
+            slot.released.append(event)
+        slot.users = []
+
+    def add_user(self, tensor: torch.Tensor, stream: Any) -> bool:
+        """Count ``stream`` among the users of the handed-out batch ``tensor`` belongs to, so
+        its slot is rewritten only after the work queued on ``stream`` too.  False when no
+        handed-out slot holds ``tensor`` (fresh tensors, ``reuse=False``)."""
+        ptr = tensor.untyped_storage().data_ptr()
+        for slot in self._handed:
+            if any(t.untyped_storage().data_ptr() == ptr for t in slot.tensors.values()):
+                if stream not in slot.users:
+                    slot.users.append(stream)
+                return True
+        return False
 
     def close(self) -> None:
         """Wait for copies still queued on the copy stream (a read-ahead batch nobody drew):

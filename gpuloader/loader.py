@@ -30,6 +30,7 @@ import torch.utils.data as tud
 
 from gpuloader import adaptive
 from gpuloader.adaptive import AdaptiveBatch, planned_size
+from gpuloader.allocator import StepMemory
 from gpuloader.buffers import ring_slots
 from gpuloader.checks import check_order, int_at_least
 from gpuloader.devices import DeviceArg, resolve_device
@@ -43,7 +44,7 @@ from gpuloader.order import resolve_seed
 from gpuloader.planning import CostModel, FreeMemory, SizerConfig, SizingOptions
 from gpuloader.probes import probe_for, validate_memory_budget
 from gpuloader.stats import LoaderStats
-from gpuloader.streams import StreamCopier
+from gpuloader.streams import StreamCopier, use_on_stream
 from gpuloader.views import ArrayView, array_view
 from gpuloader.world import World
 
@@ -193,6 +194,9 @@ class DataLoader(FrameworkHooks, tud.DataLoader[T_co]):
         self._base_seed_drawn = False
         self._closed = False
         self._copier: Optional[StreamCopier] = None  # generic path to a CUDA device
+        # Guarded steps' view of the CUDA allocator; learns step peaks only under "auto".
+        self._memory = StepMemory(self.device, learn=batch_size == "auto") \
+            if self.device is not None and self.device.type == "cuda" else None
         self._view: Optional[ArrayView] = None
         if batch_size is not None and not isinstance(dataset, tud.IterableDataset) and not (
                 num_workers > 0 and worker_init_fn is not None):
@@ -415,6 +419,9 @@ class DataLoader(FrameworkHooks, tud.DataLoader[T_co]):
         ``oom_count``, the out-of-memory rollbacks."""
         snap = self._stats.snapshot()
         snap["batch_size"] = self.batch_size
+        # NOTE(user-peak) in allocator.py: the peak torch would report without guard resets.
+        snap["max_memory_allocated"] = self._memory.max_memory_allocated() \
+            if self._memory is not None else None
         return snap
 
     def stats_reset(self) -> None:
@@ -463,10 +470,21 @@ class DataLoader(FrameworkHooks, tud.DataLoader[T_co]):
             if sizing is not None:
                 self._sizing.load_state_dict(sizing)  # type: ignore[union-attr]
 
-    def oom_guard(self, optimizer: Optional[torch.optim.Optimizer] = None) -> adaptive.OomGuard:
-        """Context manager around one training step: on out-of-memory, free memory, zero the
-        optimizer's gradients, shrink the batch size and re-deliver the failed samples."""
-        return adaptive.OomGuard(self._epochs, self._sizing, self._world, self.device, optimizer)
+    def oom_guard(self, optimizer: Any = None) -> adaptive.OomGuard:
+        """Context manager around one training step: on out-of-memory, zero the gradients of
+        ``optimizer`` (anything with ``zero_grad``: the optimizer, or the model), free memory,
+        shrink the batch size and re-deliver the failed samples.  Run the step in a function,
+        so the failed step's activations die with its frame (README)."""
+        return adaptive.OomGuard(self._epochs, self._sizing, self._world, optimizer,
+                                 memory=self._memory)
+
+    def record_stream(self, batch: Any, stream: Any) -> None:
+        """Let CUDA ``stream`` use ``batch``, just drawn, besides the stream current at the
+        draw (NOTE(stream-rule) in streams.py); call it on that stream.  No-op off CUDA."""
+        if self.device is not None and self.device.type == "cuda":
+            res = self._fast.resources if self._fast is not None else None
+            use_on_stream(batch, stream, device=self.device,
+                          ring=res.device_ring if res is not None else None)
 
     def accumulate(self, global_batch_size: int) -> Iterator[adaptive.Step]:
         """Steps of exactly ``global_batch_size`` samples made of memory-sized micro-batches;

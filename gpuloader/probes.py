@@ -25,6 +25,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import psutil
 import torch
 
+from gpuloader.allocator import allocatable
 from gpuloader.checks import cuda_ordinal, int_at_least, parse_device
 from gpuloader.errors import MemoryProbeError
 
@@ -294,14 +295,17 @@ class NvmlProbe(MemoryProbe):
 class CudaProbe(MemoryProbe):
     """Free memory of CUDA device ``index`` as this process can use it.
 
-    With CUDA initialised in this process: ``torch.cuda.mem_get_info`` free plus the caching
-    allocator's reserved-but-unallocated bytes (ours to reuse).  Without: NVML, so measuring never
-    creates a CUDA context.  When NVML fails too, ``init_cuda=True`` falls back to torch
-    (initialising CUDA); otherwise the MemoryProbeError says why and what to do.
+    With CUDA initialised in this process: what the caching allocator can hand out — the device's
+    free bytes up to ``set_per_process_memory_fraction``'s cap, plus cached blocks a step could
+    really use (NOTE(allocatable) in allocator.py).  Without: NVML, so measuring never creates a
+    CUDA context.  When NVML fails too, ``init_cuda=True`` falls back to torch (initialising
+    CUDA); otherwise the MemoryProbeError says why and what to do.  ``cuda`` stands in for the
+    CUDA calls in tests.
     """
 
     index: int = 0
     init_cuda: bool = False
+    cuda: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -309,16 +313,12 @@ class CudaProbe(MemoryProbe):
         )
 
     def _read_torch(self) -> MemoryInfo:
-        free, total = torch.cuda.mem_get_info(self.index)
-        cached = torch.cuda.memory_reserved(self.index) - torch.cuda.memory_allocated(self.index)
-        return MemoryInfo(
-            free=int(free) + max(0, int(cached)),
-            total=int(total),
-            source="torch.cuda.mem_get_info+cache",
-        )
+        # NOTE(allocatable) in allocator.py: only what the caching allocator can hand a step.
+        free, total = allocatable(self.index, cuda=self.cuda)
+        return MemoryInfo(free=free, total=total, source="torch.cuda.mem_get_info+cache")
 
     def read(self) -> MemoryInfo:
-        if torch.cuda.is_initialized():
+        if (torch.cuda if self.cuda is None else self.cuda).is_initialized():
             return self._read_torch()
         try:
             return NvmlProbe(self.index).read()

@@ -7,7 +7,10 @@ logic without a GPU.
 
 NOTE(stream-rule): a device batch is ready on the stream that was current when it was drawn
 (that stream waited for its copy), and its memory is protected for the work queued on that
-stream: use device batches on the stream current when you drew them.
+stream: a staging slot is rewritten once the work that stream had queued before a later draw
+has finished, and a fresh tensor's memory is recycled once that stream's work has.  Use device
+batches on the stream current when you drew them, or first call :func:`use_on_stream`
+(``DataLoader.record_stream(batch, stream)``) for each other stream that reads them.
 """
 from __future__ import annotations
 
@@ -57,6 +60,25 @@ def tensors_of(batch: Any) -> Iterator[torch.Tensor]:
     found: List[torch.Tensor] = []
     map_tensors(batch, lambda t: found.append(t) or t)
     return iter(found)
+
+
+def use_on_stream(batch: Any, stream: Any, *, device: torch.device, ring: Any = None,
+                  cuda: Any = None) -> None:
+    """Let ``stream`` use the device ``batch`` just drawn (NOTE(stream-rule)).  Call it on the
+    stream current at the draw: ``stream`` then waits for the work queued there so far (which
+    includes waiting for the batch's copy), and the batch's memory stays protected until the
+    work queued on ``stream`` has finished too — a staging slot (``ring.add_user``) or a fresh
+    tensor (the caching allocator's ``record_stream``)."""
+    cuda = CUDA if cuda is None else cuda
+    drawn_on = cuda.current_stream(device)
+    if stream == drawn_on:
+        return
+    arrived = cuda.Event()
+    arrived.record(drawn_on)
+    stream.wait_event(arrived)
+    for t in tensors_of(batch):
+        if ring is None or not ring.add_user(t, stream):
+            cuda.record_stream(t, stream)
 
 
 class StreamCopier:

@@ -78,3 +78,18 @@ def test_memory_a_step_keeps_is_not_its_cost():
     fake.stats.update({"allocated_bytes.all.current": 2 * GB,   # optimizer state made and kept
                        "allocated_bytes.all.peak": 5 * GB})
     assert meter.step_peak() == 3 * GB
+
+
+def test_the_cuda_probe_reports_what_the_allocator_can_hand_out():
+    from gpuloader.probes import CudaProbe
+
+    fake = FakeCuda()
+    fake.free_total = (70 * GB, 80 * GB)
+    fake.fraction = 0.5
+    fake.segments = [segment(30 * GB, 20 * GB, free_blocks=[6 * GB, 4 * GB])]
+    fake.stats = {"reserved_bytes.all.current": 30 * GB,
+                  "allocated_bytes.all.current": 20 * GB}
+    info = CudaProbe(0, cuda=fake).read()
+    # 40 GB cap - 30 GB reserved may still grow, plus the largest cached fragment; the old
+    # figure was 70 GB + 10 GB cached.
+    assert (info.free, info.total) == (10 * GB + 6 * GB, 40 * GB)

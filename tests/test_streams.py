@@ -158,3 +158,77 @@ def test_a_waiting_consumer_does_not_steal_a_job_that_waits_for_the_gpu():
         go.set()
         pool.close()
     assert ran_before_on and ran_before_on[0] != threading.main_thread().name
+
+
+# ------------------------------------------------------------------ NOTE(stream-rule), the ring
+
+def _ring(fake: FakeCuda, slots: int = 3):
+    from gpuloader.buffers import DeviceRing, HostSlot, allocate
+    from gpuloader.sources.base import FieldSpec
+
+    fields = {"x": FieldSpec(np.dtype(np.float32), (2,))}
+    ring = DeviceRing(fields, 4, slots, torch.device("cpu"), cuda=fake)  # copy stream: side1
+    host = HostSlot(allocate(fields, 4, device=torch.device("cpu")), 4)
+    return ring, host
+
+
+def _draw(ring, host):
+    slot = ring.copy_in(host, 4)
+    return slot, ring.hand_out(slot)
+
+
+def _waits_before_copy_into(fake: FakeCuda, first_copy_entries: int):
+    """(stream, event) pairs the copy stream waited for after log position ``first_copy_entries``."""
+    return {(src, ev) for kind, waiter, src, ev in
+            (e for e in fake.log[first_copy_entries:] if e[0] == "wait") if waiter == "side1"}
+
+
+def test_a_slot_is_released_on_the_stream_that_drew_its_batch():
+    fake = FakeCuda()
+    ring, host = _ring(fake)            # 3 slots: a batch is released two draws later
+    drawer = fake.Stream()              # side2: the stream current at the first draw
+    with fake.stream(drawer):
+        first, _ = _draw(ring, host)
+    _draw(ring, host)                   # later draws on the default stream
+    mark = len(fake.log)
+    _draw(ring, host)                   # releases the first batch's slot
+    released = [(s, ev) for kind, s, ev in fake.entries("record")
+                if fake.log.index((kind, s, ev)) >= mark and s != "side1"]
+    assert released == [("side2", released[0][1])], released  # not the default stream
+    mark = len(fake.log)
+    again, _ = _draw(ring, host)        # rewrites the first batch's slot
+    assert again is first
+    assert ("side2", released[0][1]) in _waits_before_copy_into(fake, mark)
+
+
+def test_record_stream_makes_another_stream_wait_and_keeps_the_slot_for_it():
+    from gpuloader.streams import use_on_stream
+
+    fake = FakeCuda()
+    ring, host = _ring(fake)
+    other = fake.Stream()                              # side2
+    first, batch = _draw(ring, host)                   # drawn on the default stream
+    mark = len(fake.log)
+    use_on_stream(batch, other, device=torch.device("cpu"), ring=ring, cuda=fake)
+    (_, drawn_on, ev), = [e for e in fake.log[mark:] if e[0] == "record"]
+    assert drawn_on == "default" and ("wait", "side2", "default", ev) in fake.log[mark:]
+    assert first.users == [fake.default, other]
+    _draw(ring, host)
+    mark = len(fake.log)
+    _draw(ring, host)                                  # releases the first slot on both
+    streams = {s for kind, s, _ in fake.entries("record")
+               if fake.log.index((kind, s, _)) >= mark and s != "side1"}
+    assert streams == {"default", "side2"}
+    mark = len(fake.log)
+    _draw(ring, host)                                  # the rewrite waits for both
+    assert {s for s, _ in _waits_before_copy_into(fake, mark)} == {"default", "side2"}
+
+
+def test_record_stream_of_fresh_tensors_tells_the_allocator():
+    from gpuloader.streams import use_on_stream
+
+    fake = FakeCuda()
+    other = fake.Stream()
+    batch = {"x": torch.ones(3, device="meta")}
+    use_on_stream(batch, other, device=torch.device("cpu"), cuda=fake)
+    assert fake.entries("record_stream") == [("record_stream", "side1", (3,))]
