@@ -1,5 +1,6 @@
-"""Model factories for config-driven training: the built-ins ``mlp`` and ``cnn``, and user
-factories named ``"package.module:factory"``.
+"""Model factories for config-driven training: the built-ins ``mlp``, ``cnn`` and ``bytelm``
+(a byte-level causal language model, gpuloader/bytelm.py), and user factories named
+``"package.module:factory"``.
 
 NOTE(model-factory): a factory is called with keyword arguments only: the config's ``model``
 keys other than ``name``, plus ``input_shape`` (the per-sample shape of the input field, a
@@ -18,7 +19,9 @@ from typing import Any, Callable, Dict, Optional, Sequence, Set, Tuple
 import torch
 from torch import nn
 
-__all__ = ["mlp", "cnn", "BUILTIN", "resolve_factory", "factory_options", "check_option",
+from gpuloader.bytelm import bytelm
+
+__all__ = ["mlp", "cnn", "bytelm", "BUILTIN", "resolve_factory", "factory_options", "check_option",
            "check_input_shape", "build_model"]
 
 _ACTIVATIONS: Dict[str, Callable[[], nn.Module]] = {
@@ -79,7 +82,10 @@ def cnn(*, input_shape: Sequence[int], outputs: int, channels: Sequence[int] = (
 
 
 #: Built-in model factories by name.
-BUILTIN: Dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn}
+BUILTIN: Dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn, "bytelm": bytelm}
+
+#: bytelm's size options (positive ints).
+_BYTELM_SIZES = ("d_model", "layers", "heads", "ff_mult")
 
 
 def resolve_factory(name: str) -> Callable[..., nn.Module]:
@@ -138,6 +144,8 @@ def _positive_int(value: Any) -> bool:
 
 def check_option(model: str, key: str, value: Any) -> Optional[str]:
     """A one-line problem with option ``key`` of built-in ``model``, or None when it is fine."""
+    if model == "bytelm" and key in _BYTELM_SIZES:
+        return None if _positive_int(value) else f"expected a positive integer, got {_show(value)}"
     if key == "outputs":
         if value is not None and not _positive_int(value):
             return ("expected a positive integer or null (inferred from the targets), got "

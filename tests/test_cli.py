@@ -126,7 +126,7 @@ def test_train_validation_errors_are_one_line_each(tmp_path: Path, npy_dir: Path
     assert code == 2 and out == ""
     assert err.splitlines() == [
         "gpuloader: error: loader.batchsize: unknown key; did you mean batch_size?",
-        "gpuloader: error: model.name: unknown model 'resnet'; valid models: mlp, cnn, or "
+        "gpuloader: error: model.name: unknown model 'resnet'; valid models: mlp, cnn, bytelm, or "
         "\"package.module:factory\" for your own",
         "gpuloader: error: train.epochs: expected a positive integer, got -1",
     ]

@@ -165,7 +165,7 @@ ERRORS = [
     (["loader=5"], "loader: expected a mapping of keys (batch_size, shuffle, order, "
                    "memory_fraction, memory_budget, device, num_workers, sample_bytes, "
                    "min_batch_size, max_batch_size, prefetch_depth, drop_last), got 5"),
-    (["model.name=resnet"], "model.name: unknown model 'resnet'; valid models: mlp, cnn, or "
+    (["model.name=resnet"], "model.name: unknown model 'resnet'; valid models: mlp, cnn, bytelm, or "
                             "\"package.module:factory\" for your own"),
     (["model.name=gl_no_such_pkg_xyz:make"],
      "model.name: cannot import 'gl_no_such_pkg_xyz:make': ModuleNotFoundError: No module "
