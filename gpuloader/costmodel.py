@@ -52,8 +52,8 @@ from typing import Deque, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from gpuloader.checks import int_at_least
 from gpuloader.errors import ArgumentError
-from gpuloader.checks import int_at_least as _int_at_least
 
 __all__ = ["StepCost", "ShapeCostModel"]
 
@@ -72,8 +72,7 @@ PRIOR_FAILURE_MARGIN = 2.0
 
 
 def _count(name: str, value: object, low: int) -> int:
-    accepted = "a positive int" if low == 1 else f"an int >= {low}"
-    return _int_at_least(name, value, low, accepted)
+    return int_at_least(name, value, low, "a positive int" if low == 1 else None)
 
 
 def _largest_fitting(fixed: float, per_sample: float, budget: int) -> Optional[int]:
@@ -146,7 +145,7 @@ class ShapeCostModel:
     def __init__(self, *, token_bytes: int = 0, quadratic: bool = True, max_shapes: int = 64,
                  peaks_per_shape: int = 16, quantile: float = 0.9, half_life: int = 256,
                  max_failures: int = 16) -> None:
-        self.token_bytes = _int_at_least("token_bytes", token_bytes, 0,
+        self.token_bytes = int_at_least("token_bytes", token_bytes, 0,
                                          "an int >= 0 of bytes one padded token costs")
         self.quadratic = bool(quadratic)
         self.max_shapes = _count("max_shapes", max_shapes, 2)
@@ -172,7 +171,7 @@ class ShapeCostModel:
         """Record that a step on ``batch`` samples padded to ``length`` peaked at
         ``peak_bytes`` bytes (beyond what was allocated before it)."""
         shape = (_count("batch", batch, 1), _count("length", length, 1))
-        peak = _int_at_least("peak_bytes", peak_bytes, 0, "an int >= 0 of bytes")
+        peak = int_at_least("peak_bytes", peak_bytes, 0, "an int >= 0 of bytes")
         self._clock += 1
         record = self._shapes.pop(shape, None)
         if record is None:
@@ -192,7 +191,7 @@ class ShapeCostModel:
         """Record that a step on ``batch`` samples padded to ``length`` ran out of memory, with
         ``limit_bytes`` bytes available to it when known (NOTE(robust-cost-fit) step 4)."""
         shape = (_count("batch", batch, 1), _count("length", length, 1))
-        limit = None if limit_bytes is None else _int_at_least(
+        limit = None if limit_bytes is None else int_at_least(
             "limit_bytes", limit_bytes, 0, "an int >= 0 of bytes, or None")
         previous = self._failures.pop(shape, None)
         if previous is not None and previous.limit is not None and limit is not None:
