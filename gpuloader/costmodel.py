@@ -19,7 +19,8 @@ NOTE(robust-cost-fit): how ``ShapeCostModel`` turns observations into a ``StepCo
        stops counting once the shape has run a few more times.  Only the ``max_shapes`` most
        recently seen shapes are kept (bounded memory).
 2      ``b`` and ``c`` are a least-squares fit over the shapes' values, both clamped >= 0
-       (``c`` only with ``quadratic=True`` and >= 3 shapes of >= 2 lengths; else 0).  With
+       (``c`` only with ``quadratic=True`` and >= 2 lengths, then from >= 3 shapes -- before,
+       the prior plans; with one length ``c`` is 0 and ``b`` carries it).  With
        >= 5 shapes, a shape further above the fit of the *other* shapes than 4x the median of
        that distance is left out (a transient would otherwise tilt the slopes).  The fit goes
        through the origin -- fixed part 0, the per-token parts carry the cost, conservative
@@ -39,7 +40,8 @@ NOTE(robust-cost-fit): how ``ShapeCostModel`` turns observations into a ``StepCo
        forgets it, as does ``forget_failures()``.
 =====  ======================================================================================
 
-Until two shapes of different token counts have been seen the model plans from the prior
+Until two shapes of different token counts (three, over two lengths or more, with
+``quadratic=True``) have been seen the model plans from the prior
 ``StepCost(0, token_bytes, 0)`` (``token_bytes``: bytes one padded token costs, given by the
 user; 0: unknown, and plans are unbounded -- the caller applies its own cap), raised by step 4.
 """
@@ -278,7 +280,10 @@ class ShapeCostModel:
         values = np.array([self._value(r) for _, r in shapes])
         ages = np.array([self._clock - r.last_seen for _, r in shapes], dtype=np.float64)
         squares = tokens * lengths
-        use_c = self.quadratic and len(shapes) >= 3 and len(np.unique(lengths)) >= 2
+        several_lengths = len(np.unique(lengths)) >= 2
+        if self.quadratic and several_lengths and len(shapes) < 3:
+            return None  # a line through two lengths says nothing of the L**2 term: the prior
+        use_c = self.quadratic and several_lengths
         columns = [tokens, squares] if use_c else [tokens]
         keep = np.ones(len(shapes), dtype=bool)
         coef = self._fit_slopes(columns, values, keep)
