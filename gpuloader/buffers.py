@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Deque, Dict, List, Mapping, Optional
+from typing import Any, Deque, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -60,6 +60,39 @@ def allocate(fields: Mapping[str, FieldSpec], rows: int, *, device: torch.device
                           pin_memory=pin and device.type == "cpu")
         for name, spec in fields.items()
     }
+
+
+#: Field offsets inside a host slot's one block are multiples of this (cache-line) alignment.
+_ALIGN = 64
+
+
+def pinned_footprint(nbytes: int) -> int:
+    """Bytes torch's pinned-memory cache takes for an allocation of ``nbytes``: it rounds every
+    block up to a power of two (NOTE(pinned-rounding))."""
+    return 1 << max(0, nbytes - 1).bit_length() if nbytes > 0 else 0
+
+
+def allocate_block(fields: Mapping[str, FieldSpec], rows: int, *,
+                   pin: bool) -> Tuple[Dict[str, torch.Tensor], int]:
+    """Host tensors for ``rows`` samples of every field, carved out of one (pinned when ``pin``)
+    block; returns them and the block's size in bytes.
+
+    NOTE(pinned-rounding): torch's pinned-memory cache rounds each allocation up to a power of
+    two, so a tensor per field could waste up to half of each; one block per slot rounds once.
+    The sizer counts the rounded footprint of every slot against host memory
+    (``SizerConfig.pinned_host_bytes`` in planning.py).
+    """
+    offsets, size = {}, 0
+    for name, spec in fields.items():
+        offsets[name] = size
+        size += -(-rows * spec.sample_nbytes // _ALIGN) * _ALIGN
+    block = torch.empty(max(1, size), dtype=torch.uint8, pin_memory=pin)
+    out = {}
+    for name, spec in fields.items():
+        start = offsets[name]
+        raw = block[start:start + rows * spec.sample_nbytes]
+        out[name] = raw.view(torch_dtype(spec.dtype)).view(rows, *spec.shape)
+    return out, size
 
 
 def poison_(tensors: Mapping[str, torch.Tensor]) -> None:
@@ -115,10 +148,12 @@ class HostRing:
 
     def __init__(self, fields: Mapping[str, FieldSpec], capacity: int, slots: int, *,
                  pin: bool) -> None:
-        self.slots: List[HostSlot] = [
-            HostSlot(allocate(fields, capacity, device=torch.device("cpu"), pin=pin), capacity)
-            for _ in range(slots)
-        ]
+        self.slots: List[HostSlot] = []
+        self.nbytes = 0  # host bytes the slots hold, as the pinned cache rounds them
+        for _ in range(slots):
+            tensors, size = allocate_block(fields, capacity, pin=pin)
+            self.slots.append(HostSlot(tensors, capacity))
+            self.nbytes += pinned_footprint(size) if pin else size
         self._next = 0
 
     def take(self) -> HostSlot:
@@ -142,6 +177,7 @@ class DeviceSlot:
     users: List[Any] = field(default_factory=list)
     used: bool = False
     rows: int = 0
+    started: Optional["torch.cuda.Event"] = None    # the copy into this slot began (timing)
 
 
 class DeviceRing:
@@ -169,6 +205,9 @@ class DeviceRing:
         self._handed: Deque[DeviceSlot] = deque()
         self._keep = max(1, slots - 1)
         self._unhanded: Optional[DeviceSlot] = None  # copied into, not handed out yet
+        #: (copy began, copy ended, consumer reached the batch) per handed-out batch whose
+        #: timing is not read yet (NOTE(copy-timing)).
+        self._timings: Deque[tuple] = deque()
 
     def copy_in(self, host: HostSlot, rows: int) -> DeviceSlot:
         """Issue an asynchronous copy of ``rows`` rows of ``host`` into the next slot.
@@ -195,10 +234,13 @@ class DeviceRing:
             slot.released = []
             if slot.used and POISON:
                 poison_(slot.tensors)
+            started = self._cuda.Event(enable_timing=True)
+            started.record(self.stream)
             for name, src in host.tensors.items():
                 slot.tensors[name][:rows].copy_(src[:rows], non_blocking=True)
-            event = self._cuda.Event()
+            event = self._cuda.Event(enable_timing=True)
             event.record(self.stream)
+        slot.started = started
         slot.used = True
         slot.rows = rows
         slot.ready = event
@@ -217,7 +259,10 @@ class DeviceRing:
         if slot is self._unhanded:
             self._unhanded = None
         if slot.ready is not None:
+            reached = self._cuda.Event(enable_timing=True)
+            reached.record(current)
             current.wait_event(slot.ready)
+            self._timings.append((slot.started, slot.ready, reached))
         views = row_views(slot.tensors, slot.rows)
         if not self.reuse:
             # Fresh tensors were written on the copy stream; tell the caching allocator that the
@@ -238,6 +283,19 @@ class DeviceRing:
             event.record(stream)
             slot.released.append(event)
         slot.users = []
+
+    def finished_timings(self) -> Tuple[float, float]:
+        """NOTE(copy-timing): ``(copy_s, stall_s)`` of the handed-out batches whose copy has
+        finished since the last call — seconds the copy engine spent on them, and seconds the
+        consumer's stream sat waiting for them — from CUDA events, without waiting for any.
+        (Timing on the host would only see a copy being issued, so an H2D-bound loader would
+        look stall-free.)"""
+        copy_s = stall_s = 0.0
+        while self._timings and all(e.query() for e in self._timings[0][1:]):
+            started, ended, reached = self._timings.popleft()
+            copy_s += started.elapsed_time(ended) / 1e3
+            stall_s += max(0.0, reached.elapsed_time(ended) / 1e3)
+        return copy_s, stall_s
 
     def add_user(self, tensor: torch.Tensor, stream: Any) -> bool:
         """Count ``stream`` among the users of the handed-out batch ``tensor`` belongs to, so

@@ -187,7 +187,6 @@ class FastEpochIterator(EpochCursor):
 
     def _to_device(self, entry: _Pending) -> Dict[str, torch.Tensor]:
         ring = self.res.device_ring
-        started = time.perf_counter()
         if entry.dslot is None:
             entry.dslot = ring.copy_in(entry.host, entry.length)
         tensors = ring.hand_out(entry.dslot)  # releases the slot due (NOTE(slot-lifetime))
@@ -195,7 +194,7 @@ class FastEpochIterator(EpochCursor):
         if self._pending and self.res.pool.done(self._pending[0].seq):
             nxt = self._pending[0]
             nxt.dslot = ring.copy_in(nxt.host, nxt.length)
-        self.res.stats.add_copy(time.perf_counter() - started)
+        self.res.stats.add_copy(*ring.finished_timings())
         return tensors
 
     def rewind(self, position: int) -> None:
@@ -256,9 +255,10 @@ class FastPath:
             # A batch sampler's batches outgrew the staging rings: replace them (rare).
             if res.device_ring is not None:
                 res.device_ring.close()
-            res.host_ring = HostRing(res.fields, capacity, slots, pin=True)
-            res.device_ring = DeviceRing(res.fields, capacity, slots, self.device,
-                                         reuse=self.reuse_buffers)
+            with torch.cuda.device(self.device):
+                res.host_ring = HostRing(res.fields, capacity, slots, pin=True)
+                res.device_ring = DeviceRing(res.fields, capacity, slots, self.device,
+                                             reuse=self.reuse_buffers)
         if res is not None and isinstance(res.pool, ProcessReaderPool) and \
                 capacity is not None and capacity > res.pool.capacity:
             res.pool.close()  # its shared-memory slots are too small for these batches
@@ -273,9 +273,12 @@ class FastPath:
         inline = not cuda and capacity * view.sample_nbytes <= INLINE_BATCH_BYTES
         host_ring = device_ring = None
         if cuda:
-            host_ring = HostRing(view.fields, capacity, slots, pin=True)
-            device_ring = DeviceRing(view.fields, capacity, slots, device,
-                                     reuse=self.reuse_buffers)
+            # Pinning creates a CUDA context on the current device if it has none: make the
+            # target device current first, so no context lands on GPU 0 for a "cuda:1" loader.
+            with torch.cuda.device(device):
+                host_ring = HostRing(view.fields, capacity, slots, pin=True)
+                device_ring = DeviceRing(view.fields, capacity, slots, device,
+                                         reuse=self.reuse_buffers)
             if not self.budgeted:
                 self.free.held = device_ring.nbytes
         self.resources = FastResources(

@@ -42,7 +42,7 @@ from gpuloader.generic import (GenericEpochIterator, OrderSampler, SizedBatchSam
                                sample_nbytes_of)
 from gpuloader.order import resolve_seed
 from gpuloader.planning import CostModel, FreeMemory, SizerConfig, SizingOptions
-from gpuloader.probes import probe_for, validate_memory_budget
+from gpuloader.probes import HostProbe, probe_for, validate_memory_budget
 from gpuloader.stats import LoaderStats
 from gpuloader.streams import StreamCopier, use_on_stream
 from gpuloader.views import ArrayView, array_view
@@ -109,13 +109,16 @@ def _replace_guarded(loader: tud.DataLoader, name: str, value: Any) -> None:
 
 
 def _sizer_config(dataset: Any, view: Optional[ArrayView], order: OrderSpec, slots: int,
-                  options: SizingOptions) -> Callable[[], SizerConfig]:
+                  options: SizingOptions, cuda: bool) -> Callable[[], SizerConfig]:
     """The sizer's inputs for this loader, made when first needed: on the generic path they
-    read the dataset's first sample, which an int batch size never needs."""
+    read the dataset's first sample, which an int batch size never needs.  On CUDA the fast
+    path's pinned host ring counts against host memory (NOTE(pinned-rounding))."""
     def make() -> SizerConfig:
         staging = view.sample_nbytes if view is not None else sample_nbytes_of(dataset)
+        pinned = int(HostProbe().read().free * options.memory_fraction) \
+            if cuda and view is not None else None
         return options.config(staging_bytes_per_sample=staging, ring_slots=slots,
-                              dataset_len=max(1, order.shard_len()))
+                              dataset_len=max(1, order.shard_len()), pinned_host_bytes=pinned)
     return make
 
 
@@ -207,7 +210,8 @@ class DataLoader(FrameworkHooks, tud.DataLoader[T_co]):
             _replace_guarded(self, "sampler", OrderSampler(self._order))
         self._free = FreeMemory(probe_for(self.device or torch.device("cpu"), self.memory_budget))
         self._sizer_config = _sizer_config(dataset, self._view, self._order,
-                                           ring_slots(self.prefetch_depth), options)
+                                           ring_slots(self.prefetch_depth), options,
+                                           self._memory is not None)
         self._sizing = self._make_sizing(batch_size, options)
         if self._view is None and self._sizing is not None and batch_sampler is None:
             # Replace torch's fixed-size BatchSampler by one that reads the live size, so

@@ -12,6 +12,10 @@ NOTE(batch-sizing): ``plan_batch_size(free, cfg, learned)`` returns, in this ord
        (no memory bound when that cost is 0)
 3      step cost unknown (``sample_bytes == 0``, no fit) and ``max_batch_size is None``:
        ``size = min(size, unknown_cost_cap // staging)`` (the 1 GiB staging cap)
+3b     ``pinned_host_bytes`` given (a CUDA device's pinned host ring): every slot's pinned
+       block, rounded up to a power of two (NOTE(pinned-rounding) in buffers.py), must fit:
+       ``size = min(size, pow2_floor(pinned_host_bytes // ring_slots) //
+       staging_bytes_per_sample)``
 4      ``size >= 8``: round down to a multiple of 8
 5      clamp to ``[min_batch_size, max_batch_size]`` (explicit bounds win over the rounding)
 6      ``min(size, dataset_len)``, then at least 1
@@ -97,6 +101,7 @@ class SizerConfig:
     min_batch_size: int = 1
     max_batch_size: Optional[int] = None
     unknown_cost_cap: int = UNKNOWN_COST_CAP
+    pinned_host_bytes: Optional[int] = None  # host memory the pinned ring may take (CUDA)
 
     def __post_init__(self) -> None:
         values = {
@@ -143,6 +148,10 @@ def plan_batch_size(
         size = sys.maxsize
     if not fitted and cfg.sample_bytes == 0 and cfg.max_batch_size is None and staging > 0:
         size = min(size, cfg.unknown_cost_cap // staging)
+    if cfg.pinned_host_bytes is not None and cfg.staging_bytes_per_sample > 0:
+        per_slot = max(0, cfg.pinned_host_bytes) // cfg.ring_slots
+        block = 1 << (per_slot.bit_length() - 1) if per_slot > 0 else 0
+        size = min(size, block // cfg.staging_bytes_per_sample)
     if size >= 8:
         size -= size % 8
     size = max(size, cfg.min_batch_size)
@@ -254,14 +263,15 @@ class SizingOptions:
                             ("min_batch_size", low), ("max_batch_size", high)):
             object.__setattr__(self, name, value)  # normalised values of a frozen dataclass
 
-    def config(self, *, staging_bytes_per_sample: int, ring_slots: int,
-               dataset_len: int) -> SizerConfig:
+    def config(self, *, staging_bytes_per_sample: int, ring_slots: int, dataset_len: int,
+               pinned_host_bytes: Optional[int] = None) -> SizerConfig:
         """The sizer's inputs for a dataset and ring of these dimensions."""
         return SizerConfig(staging_bytes_per_sample=staging_bytes_per_sample,
                            ring_slots=ring_slots, dataset_len=dataset_len,
                            memory_fraction=self.memory_fraction, sample_bytes=self.sample_bytes,
                            min_batch_size=self.min_batch_size,
-                           max_batch_size=self.max_batch_size)
+                           max_batch_size=self.max_batch_size,
+                           pinned_host_bytes=pinned_host_bytes)
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Per-stage timings of a loader: cheap counters that stay on.
 
-All times are seconds of wall clock measured with ``time.perf_counter``; byte counts are the
+All times are seconds of wall clock measured with ``time.perf_counter``, except the device
+copies' ``copy_s`` / ``copy_stall_s``, measured on the GPU with CUDA events; byte counts are the
 bytes of the delivered batches (all fields).  Reader time is summed over reader threads, so it
 can exceed the elapsed time when several threads read at once.
 """
@@ -48,6 +49,7 @@ class LoaderStats:
             self.wait_s = 0.0
             self.read_s = 0.0
             self.copy_s = 0.0
+            self.copy_stall_s = 0.0
             self.oom_count = 0
             self.rolled_back_samples = 0
             self.batch_sizes: List[int] = []
@@ -58,9 +60,12 @@ class LoaderStats:
         with self._lock:
             self.read_s += seconds
 
-    def add_copy(self, seconds: float) -> None:
-        """The consumer spent ``seconds`` issuing or waiting for a device copy."""
+    def add_copy(self, seconds: float, stall_s: float = 0.0) -> None:
+        """Device copies took ``seconds`` on the GPU's copy engine, and the consumer's stream
+        waited ``stall_s`` of that for them (CUDA events: NOTE(copy-timing) in buffers.py).
+        The stall counts in ``stall_fraction`` with the host's waits."""
         self.copy_s += seconds
+        self.copy_stall_s += stall_s
 
     def add_delivery(self, samples: int, nbytes: int, waited_s: float) -> None:
         """A batch of ``samples`` rows (``nbytes`` bytes) was handed out after ``waited_s``."""
@@ -81,7 +86,7 @@ class LoaderStats:
     def snapshot(self) -> Dict[str, object]:
         """A plain dict of every counter plus derived rates (safe to JSON-encode)."""
         elapsed = max(time.perf_counter() - self._started, _MIN_ELAPSED_S)
-        rate = rates(self.samples, self.bytes, elapsed, self.wait_s)
+        rate = rates(self.samples, self.bytes, elapsed, self.wait_s + self.copy_stall_s)
         return {
             "samples": self.samples,
             "batches": self.batches,
@@ -90,6 +95,7 @@ class LoaderStats:
             "wait_s": self.wait_s,
             "read_s": self.read_s,
             "copy_s": self.copy_s,
+            "copy_stall_s": self.copy_stall_s,
             "stall_fraction": rate.stall_fraction,
             "samples_per_s": rate.samples_per_s,
             "gb_per_s": rate.gb_per_s,

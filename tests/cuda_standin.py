@@ -49,13 +49,15 @@ class FakeEvent:
         self.timing = enable_timing
         self.stream_name: Optional[str] = None
         self.id = -1
-        self.done_after: Optional[int] = None  # complete once fake.completed >= this
+        self.ms: Optional[float] = None  # GPU time of the event, if a test sets it
 
     def record(self, stream: Optional[FakeStream] = None) -> None:
         stream = self.fake.current if stream is None else stream
         self.stream_name = stream.name
         self.fake.events += 1
         self.id = self.fake.events
+        if self.timing:
+            self.fake.timed.add(self.id)
         self.fake.log.append(("record", stream.name, self.id))
 
     def query(self) -> bool:
@@ -69,6 +71,8 @@ class FakeEvent:
     def elapsed_time(self, end: "FakeEvent") -> float:
         if not (self.timing and end.timing):
             raise RuntimeError("Both events must be created with argument 'enable_timing=True'")
+        if self.ms is not None and end.ms is not None:
+            return end.ms - self.ms
         return self.fake.event_ms * (end.id - self.id)
 
 
@@ -81,6 +85,7 @@ class FakeCuda:
         self.current = self.default
         self.gpu_busy = False
         self.events = 0
+        self.timed: set = set()  # ids of events made with enable_timing=True
         self.event_ms = 1.0  # what elapsed_time reports per event recorded in between
         self._streams = 0
         # Caching-allocator state a test may set; read by memory_stats() and friends.
@@ -155,6 +160,12 @@ class FakeCuda:
         return [dict(s) for s in self.segments]
 
     # test helpers
+    def ordering_records(self, since: int = 0, *, but: str = "") -> List[Tuple[str, int]]:
+        """(stream, event id) of the non-timing events recorded after log position ``since``
+        on streams other than ``but`` (the ones that order work, not the stopwatches)."""
+        return [(e[1], e[2]) for e in self.log[since:]
+                if e[0] == "record" and e[1] != but and e[2] not in self.timed]
+
     def entries(self, kind: str) -> List[Tuple[Any, ...]]:
         """The log entries of one kind, in order."""
         return [e for e in self.log if e[0] == kind]

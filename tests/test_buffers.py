@@ -69,6 +69,12 @@ class FakeEvent:
         self.stream = None
         self.stamp = -1
 
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, end: "FakeEvent") -> float:
+        return 0.0
+
     def record(self, stream: FakeStream) -> None:
         stream.records += 1
         self.stream = stream
@@ -93,7 +99,7 @@ class FakeCuda:
         import contextlib
         return contextlib.nullcontext()
 
-    def Event(self) -> FakeEvent:  # noqa: N802 - torch's name
+    def Event(self, enable_timing: bool = False) -> FakeEvent:  # noqa: N802 - torch's name
         return FakeEvent(self)
 
     def current_stream(self, device=None) -> FakeStream:
@@ -200,3 +206,36 @@ def test_device_slots_are_rewritten_only_after_their_release_across_epochs_rollb
         res.pool.close()
     labels = torch.cat(delivered).tolist()
     assert sorted(labels) == sorted(list(range(n)) * 4 + list(range(2 * size)))
+
+
+# ---------------------------------------------------------------------- NOTE(pinned-rounding)
+
+def test_a_host_slot_is_one_block_carved_into_aligned_fields():
+    tensors, size = buffers.allocate_block(FIELDS, 5, pin=False)
+    assert {k: tuple(t.shape) for k, t in tensors.items()} == {"x": (5, 2), "y": (5,),
+                                                               "m": (5,)}
+    assert size == 64 + 64 + 64  # each field's 40 / 40 / 5 bytes, aligned to 64
+    base = tensors["x"].untyped_storage().data_ptr()
+    assert all(t.untyped_storage().data_ptr() == base for t in tensors.values())
+    tensors["y"][:] = 7
+    tensors["x"][:] = 1.5
+    assert tensors["y"].tolist() == [7] * 5  # fields do not overlap
+    assert (tensors["x"] == 1.5).all()
+
+
+def test_pinned_footprint_is_the_power_of_two_the_cache_takes():
+    assert [buffers.pinned_footprint(n) for n in (0, 1, 1000, 1024, 1025)] == \
+        [0, 1, 1024, 1024, 2048]
+
+
+def test_the_sizer_counts_the_pinned_ring_against_host_memory():
+    from gpuloader.planning import SizerConfig, plan_batch_size
+
+    def plan(pinned):
+        cfg = SizerConfig(staging_bytes_per_sample=1000, ring_slots=4, dataset_len=10 ** 9,
+                          max_batch_size=10 ** 6, pinned_host_bytes=pinned)
+        return plan_batch_size(1 << 40, cfg)
+
+    assert plan(None) == 10 ** 6                     # the device alone would allow the maximum
+    # 4 slots in 100 MB: 25 MB each, of which the largest power of two is 16 MiB.
+    assert plan(100 * 10 ** 6) == (16 << 20) // 1000 // 8 * 8

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import namedtuple
 
 import numpy as np
+import pytest
 import torch
 from torch.utils.data import Dataset
 
@@ -192,8 +193,7 @@ def test_a_slot_is_released_on_the_stream_that_drew_its_batch():
     _draw(ring, host)                   # later draws on the default stream
     mark = len(fake.log)
     _draw(ring, host)                   # releases the first batch's slot
-    released = [(s, ev) for kind, s, ev in fake.entries("record")
-                if fake.log.index((kind, s, ev)) >= mark and s != "side1"]
+    released = fake.ordering_records(mark, but="side1")
     assert released == [("side2", released[0][1])], released  # not the default stream
     mark = len(fake.log)
     again, _ = _draw(ring, host)        # rewrites the first batch's slot
@@ -210,14 +210,13 @@ def test_record_stream_makes_another_stream_wait_and_keeps_the_slot_for_it():
     first, batch = _draw(ring, host)                   # drawn on the default stream
     mark = len(fake.log)
     use_on_stream(batch, other, device=torch.device("cpu"), ring=ring, cuda=fake)
-    (_, drawn_on, ev), = [e for e in fake.log[mark:] if e[0] == "record"]
+    (drawn_on, ev), = fake.ordering_records(mark)
     assert drawn_on == "default" and ("wait", "side2", "default", ev) in fake.log[mark:]
     assert first.users == [fake.default, other]
     _draw(ring, host)
     mark = len(fake.log)
     _draw(ring, host)                                  # releases the first slot on both
-    streams = {s for kind, s, _ in fake.entries("record")
-               if fake.log.index((kind, s, _)) >= mark and s != "side1"}
+    streams = {s for s, _ in fake.ordering_records(mark, but="side1")}
     assert streams == {"default", "side2"}
     mark = len(fake.log)
     _draw(ring, host)                                  # the rewrite waits for both
@@ -232,3 +231,25 @@ def test_record_stream_of_fresh_tensors_tells_the_allocator():
     batch = {"x": torch.ones(3, device="meta")}
     use_on_stream(batch, other, device=torch.device("cpu"), cuda=fake)
     assert fake.entries("record_stream") == [("record_stream", "side1", (3,))]
+
+
+def test_copy_time_and_the_consumers_wait_for_it_are_timed_on_the_gpu():
+    # NOTE(copy-timing): each copy takes 40 ms of GPU time; the consumer's stream reaches the
+    # batch 10 ms after the copy began (it waits 30 ms), or 50 ms after (no wait).
+    from gpuloader.stats import LoaderStats
+
+    fake = FakeCuda()
+    ring, host = _ring(fake)
+    stats = LoaderStats()
+    for reached_ms in (10.0, 50.0, 10.0):
+        slot = ring.copy_in(host, 4)
+        ring.hand_out(slot)
+        started, ended, reached = ring._timings[-1]
+        started.ms, ended.ms, reached.ms = 0.0, 40.0, reached_ms
+        stats.add_copy(*ring.finished_timings())
+    snap = stats.snapshot()
+    assert snap["copy_s"] == pytest.approx(3 * 0.040)         # not the microseconds of issuing
+    assert snap["copy_stall_s"] == pytest.approx(2 * 0.030)   # an H2D-bound loader stalls
+    fake.gpu_busy = True                                       # copies not finished: not counted
+    ring.hand_out(ring.copy_in(host, 4))
+    assert ring.finished_timings() == (0.0, 0.0)
