@@ -24,6 +24,7 @@ from gpuloader.errors import add_note
 from gpuloader.planning import FreeMemory
 from gpuloader.processes import ProcessReaderPool, needs_processes
 from gpuloader.readers import Pool, ReaderPool, ReadJob, describe_indices
+from gpuloader.readahead import Readahead
 from gpuloader.sources.base import FieldSpec, Source
 from gpuloader.stats import LoaderStats
 from gpuloader.views import ArrayView
@@ -54,6 +55,7 @@ class FastResources:
     device_ring: Optional[DeviceRing] = None
     sample_nbytes: int = 0
     inline: bool = False  # NOTE(inline-reads): read in the consumer, no reader threads
+    readahead: Optional[Readahead] = None  # hints for window orders (readahead.py)
 
 
 @dataclass
@@ -102,6 +104,8 @@ class FastEpochIterator(EpochCursor):
         return pos, end - pos
 
     def _indices(self, start: int, length: int) -> np.ndarray:
+        if self.res.readahead is not None:
+            self.res.readahead.before(self.order, start, start + length)
         idx = self.order[start:start + length]
         if self.res.index_map is not None:
             idx = self.res.index_map[idx]
@@ -281,12 +285,14 @@ class FastPath:
                                          reuse=self.reuse_buffers)
             if not self.budgeted:
                 self.free.held = device_ring.nbytes
+        pool = None if inline else self._make_pool(capacity)
         self.resources = FastResources(
             source=view.source, fields=view.fields, index_map=view.index_map,
-            pack=_packer(view, self.collate), pool=None if inline else self._make_pool(capacity),
+            pack=_packer(view, self.collate), pool=pool,
             stats=self.stats, sizing=self.sizing, prefetch_depth=self.prefetch_depth,
             device=device, pin=self.pin, host_ring=host_ring, device_ring=device_ring,
-            sample_nbytes=view.sample_nbytes, inline=inline)
+            sample_nbytes=view.sample_nbytes, inline=inline,
+            readahead=Readahead(view.source) if Readahead.fits(view, pool) else None)
         return self.resources
 
     def _make_pool(self, capacity: int) -> Pool:

@@ -24,6 +24,7 @@ import torch
 from gpuloader.buffers import allocate, numpy_views
 from gpuloader.errors import add_note
 from gpuloader.readers import ReadJob, describe_indices
+from gpuloader.sources import pread
 from gpuloader.sources.base import FieldSpec, Source
 from gpuloader.stats import LoaderStats
 
@@ -55,6 +56,14 @@ def _serve(shared: List[Any]) -> None:
     """
     source, slots, jobs, done = shared
     torch.set_num_threads(1)  # the parent's compute threads need the cores
+    pread.acquire()  # this process's cold reads may use an I/O pool (NOTE(io-leases))
+    try:
+        _serve_jobs(source, slots, jobs, done)
+    finally:
+        pread.release()
+
+
+def _serve_jobs(source: Source, slots: List[Any], jobs: Any, done: Any) -> None:
     while True:
         job = jobs.get()
         if job is None:

@@ -27,6 +27,7 @@ from typing import Callable, Deque, Dict, Optional, Protocol, Tuple
 import numpy as np
 
 from gpuloader.errors import add_note
+from gpuloader.sources import pread
 from gpuloader.sources.base import Source
 from gpuloader.stats import LoaderStats
 
@@ -97,6 +98,8 @@ class ReaderPool:
             threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True)
             for i in range(max(1, threads))
         ]
+        pread.acquire()  # cold batches may use the I/O pool while we live (NOTE(io-leases))
+        self._leased = True
         for t in self._threads:
             t.start()
 
@@ -209,3 +212,6 @@ class ReaderPool:
             if t is not threading.current_thread():
                 t.join()
         self._done.clear()
+        if self._leased:
+            self._leased = False
+            pread.release()

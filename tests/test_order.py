@@ -342,23 +342,17 @@ def test_shuffle_of_a_large_dataset_has_no_structure():
 
 
 @pytest.mark.parametrize("kind", ["sequential", "block"])
-def test_windows_after_names_the_rows_read_next(kind):
+@pytest.mark.parametrize("world, rank", [(1, 0), (3, 2)])
+def test_windows_name_exactly_the_rows_read_there(kind, world, rank):
     n, length, window = 1003, 10, 4
-    order = EpochOrder(kind, n, seed=2, epoch=0, block_length=length, window_blocks=window)
-    full = order[0:n]
-    size = length * window
-    for position in (0, 39, 40, 500, 955):
-        ranges = order.windows_after(position)
-        rows = set()
-        for first, count in ranges:
-            rows.update(range(first, first + count))
-        # The window after position's: the next window's positions read exactly these rows.
-        if kind == "sequential":
-            nxt = full[(position // size + 1) * size:(position // size + 2) * size]
-        else:
-            nxt = [i for i in full[position:position + 2 * size + length]
-                   if i not in set(full[:position + 1]) and i in rows]
-        assert set(nxt) <= rows
-        assert len(rows) <= size
-    assert order.windows_after(n) == []
-    assert EpochOrder("shuffle", n, seed=2, epoch=0).windows_after(0) == []
+    order = EpochOrder(kind, n, seed=2, epoch=0, block_length=length, window_blocks=window,
+                       rank=rank, world_size=world)
+    full = order[0:len(order)]
+    by_window: dict = {}
+    for position, index in enumerate(full.tolist()):
+        by_window.setdefault(order.window_of(position), set()).add(index)
+    for w, indices in by_window.items():
+        rows = {r for first, count in order.window_rows(w) for r in range(first, first + count)}
+        assert indices <= rows and len(rows) <= length * window
+    assert order.window_rows(10**6) == [] and order.window_of(len(order)) is None
+    assert EpochOrder("shuffle", n, seed=2, epoch=0).window_of(0) is None

@@ -11,6 +11,10 @@ Each field gets one of three read paths, chosen from how its bytes are stored:
                dimensions, compact/virtual/external storage): indices are grouped by chunk and
                each group's covering dim-0 slab is read once with ``read_direct``.
 
+The two map paths read batches that are not in the page cache with positional reads in flight
+instead of page faults (NOTE(cold-probe) in pread.py); ``will_need`` passes readahead hints
+for the bytes of a range of rows (readahead.py).
+
 NOTE(hdf5-handles): only the path and per-field facts are pickled.  Each process opens the
 file (and maps it) on first read and keeps one handle for all its threads; ``close()`` closes
 this process's handle.  h5py serialises its own calls, the memmap paths need no lock.
@@ -18,7 +22,7 @@ this process's handle.  h5py serialises its own calls, the memmap paths need no 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
 
@@ -29,6 +33,7 @@ from gpuloader.errors import ArgumentError, FieldNotFoundError, SourceError, Sou
 from gpuloader.sources.base import (FieldSpec, ProcessLocal, RowPlan, StorageInfo, ThreadScratch,
                                     check_field_names, check_lengths, check_out, native_dtype,
                                     rows_per_block)
+from gpuloader.sources.pread import RowFile
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -260,14 +265,19 @@ class Hdf5Source:
         for name, reader in opened.readers.items():
             reader.read(plan, out[name], self._scratch, name)
 
+    def will_need(self, first: int, count: int) -> None:
+        """Hint the kernel that rows ``first .. first + count - 1`` are read soon (readahead)."""
+        for reader in self._handles.get(self._open).readers.values():
+            reader.will_need(first, count)
+
     def _open(self) -> "_Opened":
         return _Opened.open(self.path, self._plans, self._cache)
 
     def close(self) -> None:
         """Close this process's file handle and drop its maps; the next read reopens."""
         opened = self._handles.take()
-        if opened is not None and opened.h5 is not None:
-            opened.h5.close()
+        if opened is not None:
+            opened.close()
 
     def __repr__(self) -> str:
         listing = ", ".join(f"{n}: {p.dtype}{list(p.shape[1:])} {p.read_path}"
@@ -285,6 +295,9 @@ class _Reader(Protocol):
     def read(self, plan: RowPlan, out: np.ndarray, scratch: ThreadScratch, key: str) -> None:
         ...
 
+    def will_need(self, first: int, count: int) -> None:
+        """Readahead hint for rows ``first .. first + count - 1`` (may do nothing)."""
+
 
 @dataclass
 class _Opened:
@@ -292,22 +305,57 @@ class _Opened:
 
     h5: Optional[h5py.File]
     readers: Dict[str, _Reader]
+    files: "_Files"
 
     @classmethod
     def open(cls, path: str, plans: Mapping[str, Hdf5Field], cache: Tuple[int, int]) -> "_Opened":
         h5 = _open_file(path, cache)
-        maps: Dict[str, np.ndarray] = {}
+        files = _Files()
         readers: Dict[str, _Reader] = {}
         try:
             for name, plan in plans.items():
-                readers[name] = _make_reader(h5[plan.key], plan, maps)
+                readers[name] = _make_reader(h5[plan.key], plan, files)
         except BaseException:
             h5.close()
+            files.close()
             raise
         if any(isinstance(r, _SlabReader) for r in readers.values()):
-            return cls(h5, readers)
+            return cls(h5, readers, files)
         h5.close()  # every field reads through maps: hold no HDF5 handle at all
-        return cls(None, readers)
+        return cls(None, readers, files)
+
+    def close(self) -> None:
+        if self.h5 is not None:
+            self.h5.close()
+        self.files.close()
+
+
+@dataclass
+class _Files:
+    """One read-only map and one positional-read handle per file this process reads."""
+
+    maps: Dict[str, np.ndarray] = field(default_factory=dict)
+    rows: Dict[str, RowFile] = field(default_factory=dict)
+
+    def map(self, dset: h5py.Dataset) -> np.ndarray:
+        """The whole file holding ``dset`` as read-only bytes."""
+        filename = os.fspath(dset.file.filename)  # an external link may point at another file
+        if filename not in self.maps:
+            self.maps[filename] = np.memmap(filename, dtype=np.uint8, mode="r").view(np.ndarray)
+        return self.maps[filename]
+
+    def row_file(self, dset: h5py.Dataset) -> RowFile:
+        """Positional reads of the file holding ``dset``."""
+        filename = os.fspath(dset.file.filename)
+        if filename not in self.rows:
+            self.rows[filename] = RowFile(filename)
+        return self.rows[filename]
+
+    def close(self) -> None:
+        for rows in self.rows.values():
+            rows.close()
+        self.rows.clear()
+        self.maps.clear()
 
 
 def _open_file(path: str, cache: Optional[Tuple[int, int]] = None) -> h5py.File:
@@ -325,26 +373,21 @@ def _open_file(path: str, cache: Optional[Tuple[int, int]] = None) -> h5py.File:
         raise SourceError(f"cannot open HDF5 file {path!r}: {exc}") from exc
 
 
-def _file_map(dset: h5py.Dataset, maps: Dict[str, np.ndarray]) -> np.ndarray:
-    """The whole file holding ``dset`` as read-only bytes (one map per file per process)."""
-    filename = os.fspath(dset.file.filename)  # an external link may point at another file
-    if filename not in maps:
-        maps[filename] = np.memmap(filename, dtype=np.uint8, mode="r").view(np.ndarray)
-    return maps[filename]
-
-
-def _make_reader(dset: h5py.Dataset, plan: Hdf5Field, maps: Dict[str, np.ndarray]) -> _Reader:
+def _make_reader(dset: h5py.Dataset, plan: Hdf5Field, files: _Files) -> _Reader:
     """The reader for ``plan``; falls back to the slab path if the bytes are not where expected."""
     if plan.row_nbytes == 0 or plan.shape[0] == 0:
         return _NullReader()
+    # Positional reads copy bytes as stored: only for data already in the machine's order.
+    cold = files.row_file(dset) if plan.dtype.isnative else None
     if plan.read_path == "memmap":
         offset = dset.id.get_offset()
-        filemap = _file_map(dset, maps)
+        filemap = files.map(dset)
         nbytes = plan.row_nbytes * plan.shape[0]
         if offset is not None and offset + nbytes <= filemap.size:
-            return _MapReader(np.ndarray(plan.shape, plan.dtype, buffer=filemap, offset=offset))
+            view = np.ndarray(plan.shape, plan.dtype, buffer=filemap, offset=offset)
+            return _MapReader(view, offset, plan.row_nbytes, cold)
     elif plan.read_path == "chunk-map":
-        reader = _ChunkMapReader.build(dset, plan, _file_map(dset, maps))
+        reader = _ChunkMapReader.build(dset, plan, files.map(dset), cold)
         if reader is not None:
             return reader
     return _SlabReader(dset, plan)
@@ -356,15 +399,28 @@ class _NullReader:
     def read(self, plan: RowPlan, out: np.ndarray, scratch: ThreadScratch, key: str) -> None:
         return None
 
+    def will_need(self, first: int, count: int) -> None:
+        return None
+
 
 @dataclass
 class _MapReader:
-    """Contiguous data: a gather from the mapped bytes, exactly like a ``.npy`` file."""
+    """Contiguous data: a gather from the mapped bytes, exactly like a ``.npy`` file (cold
+    batches by positional reads of the rows at ``offset + row * row_nbytes``)."""
 
     view: np.ndarray
+    offset: int
+    row_nbytes: int
+    cold: Optional[RowFile]
 
     def read(self, plan: RowPlan, out: np.ndarray, scratch: ThreadScratch, key: str) -> None:
-        plan.gather(self.view, out)
+        offsets = self.offset + plan.indices * self.row_nbytes
+        if self.cold is None or not self.cold.read(offsets, out):
+            plan.gather(self.view, out)
+
+    def will_need(self, first: int, count: int) -> None:
+        if self.cold is not None:
+            self.cold.will_need(self.offset + first * self.row_nbytes, count * self.row_nbytes)
 
 
 @dataclass
@@ -383,10 +439,13 @@ class _ChunkMapReader:
     first_row: np.ndarray
     chunk_rows: int
     fill: Any
+    residues: np.ndarray  # byte offset of each view in the file
+    row_nbytes: int
+    cold: Optional[RowFile]
 
     @classmethod
-    def build(cls, dset: h5py.Dataset, plan: Hdf5Field,
-              filemap: np.ndarray) -> Optional["_ChunkMapReader"]:
+    def build(cls, dset: h5py.Dataset, plan: Hdf5Field, filemap: np.ndarray,
+              cold: Optional[RowFile]) -> Optional["_ChunkMapReader"]:
         rows = plan.chunks[0] if plan.chunks else 1
         addr = _chunk_addresses(dset, rows, -(-plan.shape[0] // rows))
         row_nbytes = plan.row_nbytes
@@ -401,13 +460,26 @@ class _ChunkMapReader:
         for v, r in enumerate(kinds):
             view_of[residues == r] = v
         first_row = np.where(addr >= 0, (addr - np.maximum(residues, 0)) // row_nbytes, 0)
-        return cls(views, view_of, first_row.astype(np.int64), rows, plan.fill)
+        return cls(views, view_of, first_row.astype(np.int64), rows, plan.fill,
+                   np.array(kinds, dtype=np.int64), row_nbytes, cold)
+
+    def will_need(self, first: int, count: int) -> None:
+        if self.cold is None or count <= 0:
+            return
+        chunks = np.arange(first // self.chunk_rows, (first + count - 1) // self.chunk_rows + 1)
+        chunks = chunks[self.view_of[chunks] >= 0]
+        starts = self.residues[self.view_of[chunks]] + self.first_row[chunks] * self.row_nbytes
+        for lo, n in zip(*_byte_runs(np.sort(starts), self.chunk_rows * self.row_nbytes)):
+            self.cold.will_need(lo, n)
 
     def read(self, plan: RowPlan, out: np.ndarray, scratch: ThreadScratch, key: str) -> None:
         idx = plan.indices
         chunk = idx // self.chunk_rows
         view_of = self.view_of[chunk]
         rows = self.first_row[chunk] + (idx - chunk * self.chunk_rows)
+        if self.cold is not None and view_of.min() >= 0 and \
+                self.cold.read(self.residues[view_of] + rows * self.row_nbytes, out):
+            return
         if len(self.views) == 1 and view_of.min() >= 0:
             RowPlan(rows, len(self.views[0])).gather(self.views[0], out)
             return
@@ -432,6 +504,16 @@ class _ChunkMapReader:
             np.take(self.views[v], rows, axis=0, out=out, mode="clip")
         else:
             out[...] = self.views[v][rows]  # byte-order conversion
+
+
+def _byte_runs(starts: np.ndarray, size: int) -> Tuple[List[int], List[int]]:
+    """Sorted extents of ``size`` bytes at ``starts`` merged where they touch: (starts, sizes)."""
+    if len(starts) == 0:
+        return [], []
+    breaks = np.flatnonzero(np.diff(starts) != size) + 1
+    begins = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [len(starts)]))
+    return starts[begins].tolist(), ((ends - begins) * size).tolist()
 
 
 def _chunk_addresses(dset: h5py.Dataset, rows: int, count: int) -> Optional[np.ndarray]:
@@ -464,6 +546,9 @@ class _SlabReader:
 
     dset: h5py.Dataset
     plan: Hdf5Field
+
+    def will_need(self, first: int, count: int) -> None:
+        return None  # h5py reads the chunks itself
 
     def read(self, plan: RowPlan, out: np.ndarray, scratch: ThreadScratch, key: str) -> None:
         idx = plan.indices

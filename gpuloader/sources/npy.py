@@ -2,7 +2,8 @@
 
 Every field is one file mapped read-only; a batch is one numpy gather from the map into the
 caller's buffer (see :class:`gpuloader.sources.base.RowPlan`), which releases the GIL, so
-reader threads copy in parallel.  Only paths and header facts are pickled; each process maps
+reader threads copy in parallel.  Batches whose rows are not in the page cache are read with
+many positional reads in flight instead (NOTE(cold-probe) in pread.py).  Only paths and header facts are pickled; each process maps
 the files itself on first read (NOTE(read-contract) in base.py).
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from gpuloader.errors import (ArgumentError, ArgumentTypeError, SourceError, Sou
                               describe)
 from gpuloader.sources.base import (FieldSpec, ProcessLocal, RowPlan, StorageInfo, check_lengths,
                                     check_out, native_dtype, rows_per_block, select_fields)
+from gpuloader.sources.pread import RowFile
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -48,6 +50,18 @@ class FlatFile:
                        shape=self.shape, order="F" if self.fortran else "C")
         # A plain ndarray view skips np.memmap's per-slice __array_finalize__ bookkeeping.
         return mm.view(np.ndarray)
+
+    @property
+    def row_nbytes(self) -> int:
+        """Bytes of one sample as stored."""
+        return int(self.dtype.itemsize * np.prod(self.shape[1:], dtype=np.int64))
+
+    def row_file(self) -> Optional[RowFile]:
+        """Positional reads of this file's rows, when its rows are C-ordered bytes that need no
+        conversion (native byte order); None otherwise (those are gathered from the map)."""
+        if self.fortran or not self.dtype.isnative or self.row_nbytes == 0 or not self.shape[0]:
+            return None
+        return RowFile(self.path)
 
 
 def is_npy_file(path: Path) -> bool:
@@ -205,6 +219,7 @@ class NpySource:
         self._fields = {n: FieldSpec(native_dtype(f.dtype), tuple(f.shape[1:]))
                         for n, f in files.items()}
         self._maps: ProcessLocal[Dict[str, np.ndarray]] = ProcessLocal()
+        self._rows: ProcessLocal[Dict[str, Optional[RowFile]]] = ProcessLocal()
 
     @property
     def fields(self) -> Mapping[str, FieldSpec]:
@@ -235,15 +250,36 @@ class NpySource:
         plan = RowPlan(indices, self._length)
         check_out(self._fields, len(plan.indices), out)
         maps = self._maps.get(self._open)
+        rows = self._rows.get(self._open_rows)
         for name, arr in maps.items():
-            plan.gather(arr, out[name])
+            cold = rows[name]
+            if cold is None or not cold.read(self._offsets(name, plan.indices), out[name]):
+                plan.gather(arr, out[name])
+
+    def will_need(self, first: int, count: int) -> None:
+        """Hint the kernel that rows ``first .. first + count - 1`` are read soon (readahead)."""
+        for name, cold in self._rows.get(self._open_rows).items():
+            if cold is not None:
+                flat = self._files[name]
+                cold.will_need(flat.offset + first * flat.row_nbytes, count * flat.row_nbytes)
+
+    def _offsets(self, name: str, indices: np.ndarray) -> np.ndarray:
+        flat = self._files[name]
+        return flat.offset + indices * flat.row_nbytes
 
     def _open(self) -> Dict[str, np.ndarray]:
         return {name: flat.open() for name, flat in self._files.items()}
 
+    def _open_rows(self) -> Dict[str, Optional[RowFile]]:
+        return {name: flat.row_file() for name, flat in self._files.items()}
+
     def close(self) -> None:
-        """Drop this process's maps (the OS unmaps them once no batch view refers to them)."""
+        """Drop this process's maps (the OS unmaps them once no batch view refers to them) and
+        close its file descriptors."""
         self._maps.take()
+        for cold in (self._rows.take() or {}).values():
+            if cold is not None:
+                cold.close()
 
     def __repr__(self) -> str:
         listing = ", ".join(f"{n}: {s.dtype}{list(s.shape)}" for n, s in self._fields.items())

@@ -1,0 +1,221 @@
+"""Tests of cold reads (sources/pread.py) and readahead hints (readahead.py)."""
+from __future__ import annotations
+
+import os
+import threading
+
+import h5py
+import numpy as np
+import pytest
+
+import gpuloader as gl
+from gpuloader.order import EpochOrder
+from gpuloader.readahead import AHEAD, Readahead
+from gpuloader.sources import pread
+from gpuloader.sources.pread import IoPool, RowFile, requests_for
+
+nowait = pytest.mark.skipif(not hasattr(os, "RWF_NOWAIT"), reason="needs os.RWF_NOWAIT")
+
+
+def io_threads() -> list:
+    return [t for t in threading.enumerate() if t.name.startswith("gpuloader-io")]
+
+
+def drop_from_cache(path) -> bool:
+    """Evict ``path`` from the page cache; True if a non-blocking read then misses."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        try:
+            return os.preadv(fd, [bytearray(4096)], 0, os.RWF_NOWAIT) < 4096
+        except BlockingIOError:
+            return True
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def leased():
+    pread.acquire()
+    try:
+        yield
+    finally:
+        pread.release()
+
+
+# ----------------------------------------------------------------------------- requests
+
+
+def test_neighbouring_rows_are_one_request_and_long_runs_are_split():
+    out = np.zeros((6, 4), dtype=np.float32)  # 16-byte rows
+    offsets = np.array([100, 116, 132, 500, 516, 20], dtype=np.int64)
+    requests = requests_for(offsets, out, 16)
+    assert [(len(buf), off) for buf, off in requests] == [(48, 100), (32, 500), (16, 20)]
+    big = np.zeros((3 * pread.MAX_REQUEST_BYTES // 1024, 256), dtype=np.float32)
+    rows = np.arange(len(big), dtype=np.int64) * 1024
+    sizes = [len(buf) for buf, _ in requests_for(rows, big, 1024)]
+    assert sizes == [pread.MAX_REQUEST_BYTES] * 3
+
+
+def test_pool_reads_every_request_and_reports_a_short_file(tmp_path, leased):
+    path = tmp_path / "bytes.bin"
+    data = np.random.default_rng(0).integers(0, 255, 1 << 16, dtype=np.uint8)
+    data.tofile(path)
+    pool = pread.active_pool()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        out = np.zeros((100, 64), dtype=np.uint8)
+        offsets = np.random.default_rng(1).integers(0, (1 << 16) - 64, 100)
+        pool.read(fd, [(memoryview(out[k]), int(o)) for k, o in enumerate(offsets)])
+        np.testing.assert_array_equal(out, data[offsets[:, None] + np.arange(64)])
+        with pytest.raises(EOFError, match=r"file ends before byte 65600"):
+            pool.read(fd, [(memoryview(out[0]), (1 << 16) - 64), (memoryview(out[1]), 65536)])
+    finally:
+        os.close(fd)
+
+
+def test_pool_threads_live_only_while_a_lease_is_held():
+    assert not io_threads()
+    pread.acquire()
+    pread.acquire()
+    assert pread.active_pool() is not None and len(io_threads()) == pread.IO_THREADS
+    pread.release()
+    assert io_threads()
+    pread.release()
+    assert not io_threads() and pread.active_pool() is None
+
+
+def test_without_a_lease_reads_gather_from_the_map(tmp_path):
+    path = tmp_path / "x.npy"
+    np.save(path, np.arange(40, dtype=np.int64).reshape(20, 2))
+    rows = RowFile(str(path))
+    try:
+        out = np.zeros((3, 2), dtype=np.int64)
+        assert rows.read(np.array([128, 144, 160]), out) is False
+        assert not io_threads()
+    finally:
+        rows.close()
+
+
+# ----------------------------------------------------------------------------- cold reads
+
+
+@nowait
+def test_cold_rows_are_read_by_the_pool_warm_rows_gathered(tmp_path, leased):
+    path = tmp_path / "x.npy"
+    x = np.arange(200_000, dtype=np.float32).reshape(-1, 64)  # 256-byte rows
+    np.save(path, x)
+    if not drop_from_cache(path):
+        pytest.skip("this filesystem keeps the file cached after POSIX_FADV_DONTNEED")
+    ds = gl.open_dataset(path)
+    taken = []
+    original = RowFile.read
+
+    def spy(self, offsets, out):
+        taken.append(original(self, offsets, out))
+        return taken[-1]
+
+    idx = np.sort(np.random.default_rng(0).choice(len(x), 300, replace=False))
+    out = {"x": np.zeros((300, 64), dtype=np.float32)}
+    RowFile.read = spy
+    try:
+        ds.source.read_into(idx, out)
+        np.testing.assert_array_equal(out["x"], x[idx])
+        out["x"][:] = 0
+        ds.source.read_into(idx, out)  # now cached
+        np.testing.assert_array_equal(out["x"], x[idx])
+    finally:
+        RowFile.read = original
+        ds.close()
+    assert taken == [True, False]
+
+
+@nowait
+@pytest.mark.parametrize("chunks", [None, (50, 16)])
+def test_cold_hdf5_rows_match_h5py(tmp_path, leased, chunks):
+    path = tmp_path / "d.h5"
+    x = np.random.default_rng(2).standard_normal((5000, 16)).astype(np.float32)
+    with h5py.File(path, "w") as h5:
+        h5.create_dataset("x", data=x, chunks=chunks)
+        h5.create_dataset("y", data=np.arange(5000, dtype=">i8"))  # non-native: gathered
+    if not drop_from_cache(path):
+        pytest.skip("this filesystem keeps the file cached after POSIX_FADV_DONTNEED")
+    ds = gl.open_dataset(path)
+    try:
+        idx = np.sort(np.random.default_rng(3).choice(5000, 700, replace=False))
+        out = {"x": np.zeros((700, 16), np.float32), "y": np.zeros(700, np.int64)}
+        ds.source.read_into(idx, out)
+        np.testing.assert_array_equal(out["x"], x[idx])
+        np.testing.assert_array_equal(out["y"], idx)
+    finally:
+        ds.close()
+
+
+@nowait
+@pytest.mark.parametrize("order", ["shuffle", "block", "sequential"])
+def test_cold_epochs_deliver_every_row_once_and_leave_no_threads(tmp_path, order):
+    path = tmp_path / "x.npy"
+    np.save(path, np.arange(30_000, dtype=np.int64).repeat(16).reshape(-1, 16))
+    drop_from_cache(path)
+    ds = gl.open_dataset(path)
+    with gl.DataLoader(ds, batch_size=1000, order=order, seed=4) as loader:
+        seen = np.concatenate([b["x"][:, 0].numpy() for b in loader])
+        assert io_threads() or not hasattr(os, "RWF_NOWAIT")
+    ds.close()
+    assert np.array_equal(np.sort(seen), np.arange(30_000))
+    assert not io_threads()
+
+
+# ----------------------------------------------------------------------------- readahead
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def will_need(self, first: int, count: int) -> None:
+        self.calls.append((first, count))
+
+
+@pytest.mark.parametrize("kind", ["block", "sequential"])
+def test_readahead_hints_each_window_once_ahead_of_its_reads(kind):
+    n, length, window = 10_007, 100, 4
+    order = EpochOrder(kind, n, seed=1, epoch=0, block_length=length, window_blocks=window)
+    source = Recorder()
+    ahead = Readahead(source)
+    hinted: set = set()
+    for start in range(0, n, 64):
+        ahead.before(order, start, min(n, start + 64))
+        hinted.update(r for first, count in source.calls for r in range(first, first + count))
+        # Every row of this batch, and of the next AHEAD windows, was hinted before the read.
+        assert set(order[start:min(n, start + 64)].tolist()) <= hinted
+        nxt = order.window_of(start)
+        for w in range(nxt, nxt + AHEAD + 1):
+            assert {r for f, c in order.window_rows(w) for r in range(f, f + c)} <= hinted
+    ranges = [first for first, _ in source.calls]
+    assert len(ranges) == len(set(ranges))  # nothing hinted twice
+    assert hinted == set(range(n))
+
+
+def test_readahead_ignores_shuffle_and_user_orders():
+    source = Recorder()
+    ahead = Readahead(source)
+    ahead.before(EpochOrder("shuffle", 1000, seed=1, epoch=0), 0, 100)
+    ahead.before(np.arange(1000), 0, 100)
+    assert source.calls == []
+
+
+def test_loader_hints_the_source_in_block_order(tmp_path):
+    path = tmp_path / "x.npy"
+    np.save(path, np.zeros((4096, 256), dtype=np.float32))
+    ds = gl.open_dataset(path)
+    calls = []
+    original = ds.source.will_need
+    ds.source.will_need = lambda first, count: calls.append((first, count)) or original(
+        first, count)
+    with gl.DataLoader(ds, batch_size=256, order="block", seed=0) as loader:
+        for _ in loader:
+            pass
+    ds.close()
+    assert sum(count for _, count in calls) == 4096
