@@ -145,7 +145,7 @@ class ShapeCostModel:
     """
 
     def __init__(self, *, token_bytes: int = 0, quadratic: bool = True, max_shapes: int = 64,
-                 peaks_per_shape: int = 16, quantile: float = 0.9, half_life: int = 256,
+                 peaks_per_shape: int = 16, quantile: float = 0.9, half_life: int = 64,
                  max_failures: int = 16) -> None:
         self.token_bytes = int_at_least("token_bytes", token_bytes, 0,
                                          "an int >= 0 of bytes one padded token costs")
@@ -298,7 +298,7 @@ class ShapeCostModel:
         decay = np.power(0.5, np.maximum(0.0, ages - self.half_life) / self.half_life)
         above = np.where(residual > 0, residual * decay, residual)
         fixed = max(0.0, coef[0] + float(above.max()))
-        return StepCost(fixed, float(coef[1]), float(coef[2]) if use_c else 0.0)
+        return StepCost(_snap(fixed), _snap(coef[1]), _snap(coef[2]) if use_c else 0.0)
 
     @staticmethod
     def _fit_slopes(columns: List[np.ndarray], values: np.ndarray,
@@ -330,6 +330,14 @@ class ShapeCostModel:
                                                                      * failure.length),
                                 cost.per_token_length)
         return cost
+
+
+def _snap(value: float) -> float:
+    """``value`` rounded to a whole number when it is one but for float rounding (relative
+    1e-9): least squares leaves such noise even on exact data, and a planner rounding
+    ``3145728.0000000005`` bytes up would plan one sample short."""
+    whole = round(value)
+    return float(whole) if abs(value - whole) <= 1e-9 * max(1.0, abs(value)) else float(value)
 
 
 def _deleted_residuals(columns: List[np.ndarray], values: np.ndarray) -> np.ndarray:

@@ -32,9 +32,10 @@ import math
 import numbers
 import sys
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 from gpuloader.checks import as_int, int_at_least
+from gpuloader.costmodel import ShapeCostModel
 from gpuloader.errors import ArgumentError, ArgumentTypeError, describe
 from gpuloader.probes import MemoryProbe
 
@@ -161,74 +162,57 @@ def plan_batch_size(
 
 
 class CostModel:
-    """Online linear model of a training step's peak memory versus batch size.
+    """A training step's peak memory versus batch size, for fixed-size rows: the shape-aware
+    model of costmodel.py at length 1 (``peak = intercept + per_sample * batch_size``), fitted
+    robustly as NOTE(robust-cost-fit) says -- a high quantile of each size's recent peaks, sizes
+    far above the fit of the others left out of the slope, the line on or above every size
+    (an under-estimate costs an OOM, an over-estimate only a slightly smaller batch), and the
+    excess of a size not seen for a while decaying, so one transient (cudnn autotuning a new
+    shape) does not lower every later plan.
 
-    ``observe(batch_size, peak_bytes)`` records a measured peak (bytes the step needed beyond what
-    was allocated before it).  The largest peak per batch size is kept, for the ``max_points``
-    most recently seen sizes (bounded memory).  Once two distinct sizes are known:
-    ``per_sample`` is the least-squares slope (clamped >= 0) and ``intercept`` is chosen so the
-    line lies on or above every kept observation — an under-estimate costs an OOM, an
-    over-estimate only a slightly smaller batch.  Not thread-safe; the loader owns one.
+    ``observe(batch_size, peak_bytes)`` records a measured peak (bytes the step needed beyond
+    what was allocated before it); the ``max_points`` most recently seen sizes are kept
+    (bounded memory).  Not thread-safe; the loader owns one.
     """
 
     def __init__(self, *, max_points: int = 64) -> None:
-        self._max_points = int_at_least("max_points", max_points, 2, "an int >= 2")
-        self._peaks: Dict[int, int] = {}
-        self._fit: Optional[Tuple[float, float]] = None
+        points = int_at_least("max_points", max_points, 2, "an int >= 2")
+        self.shapes = ShapeCostModel(quadratic=False, max_shapes=points)
 
     def __repr__(self) -> str:
-        return (
-            f"CostModel(points={len(self._peaks)}, per_sample={self.per_sample}, "
-            f"intercept={self.intercept})"
-        )
+        return f"CostModel(per_sample={self.per_sample}, intercept={self.intercept})"
 
     def observe(self, batch_size: int, peak_bytes: int) -> None:
         """Record that a step on ``batch_size`` samples peaked at ``peak_bytes`` bytes."""
         size = int_at_least("batch_size", batch_size, 1, "a positive int")
-        peak = int_at_least("peak_bytes", peak_bytes, 0, "an int >= 0 of bytes")
-        previous = self._peaks.pop(size, None)
-        self._peaks[size] = peak if previous is None else max(previous, peak)
-        while len(self._peaks) > self._max_points:
-            del self._peaks[next(iter(self._peaks))]
-        self._fit = self._solve()
+        self.shapes.observe(size, 1, peak_bytes)
 
     def reset(self) -> None:
         """Forget every observation (e.g. after the model or optimizer changed)."""
-        self._peaks.clear()
-        self._fit = None
-
-    def _solve(self) -> Optional[Tuple[float, float]]:
-        if len(self._peaks) < 2:
-            return None
-        xs = list(self._peaks)
-        ys = [float(self._peaks[x]) for x in xs]
-        mean_x = sum(xs) / len(xs)
-        mean_y = sum(ys) / len(ys)
-        sxx = sum((x - mean_x) ** 2 for x in xs)
-        sxy = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys))
-        slope = max(0.0, sxy / sxx)
-        intercept = max(y - slope * x for x, y in zip(xs, ys))
-        return slope, max(0.0, intercept)
+        self.shapes.reset()
 
     @property
     def fit(self) -> Optional[Tuple[float, float]]:
         """``(per_sample, intercept)`` in bytes, or None before two distinct sizes are seen."""
-        return self._fit
+        learned = self.shapes.learned
+        return None if learned is None else (learned.per_token, learned.fixed)
 
     @property
     def has_fit(self) -> bool:
         """True once two distinct batch sizes have been observed."""
-        return self._fit is not None
+        return self.fit is not None
 
     @property
     def per_sample(self) -> Optional[float]:
         """Bytes each extra sample adds to the step's peak; None before a fit."""
-        return None if self._fit is None else self._fit[0]
+        fit = self.fit
+        return None if fit is None else fit[0]
 
     @property
     def intercept(self) -> Optional[float]:
         """Bytes the step needs whatever the batch size; None before a fit."""
-        return None if self._fit is None else self._fit[1]
+        fit = self.fit
+        return None if fit is None else fit[1]
 
     def predict_max_batch(self, free_bytes: int, fraction: float = 0.8) -> Optional[int]:
         """Largest batch whose predicted step peak fits ``free_bytes * fraction`` (may be 0).
@@ -237,11 +221,9 @@ class CostModel:
         """
         share = validate_memory_fraction(fraction)
         free = max(0, as_int("free_bytes", free_bytes, "an int of bytes"))
-        if self._fit is None or self._fit[0] <= 0.0:
+        if self.shapes.learned is None:
             return None
-        slope, intercept = self._fit
-        room = math.floor(free * share) - math.ceil(intercept)
-        return max(0, math.floor(room / slope))
+        return self.shapes.max_batch(1, math.floor(free * share))
 
 
 @dataclass(frozen=True)

@@ -241,6 +241,43 @@ def test_cost_model_clamps_and_bounds():
     assert not model.has_fit
 
 
+def test_cost_model_forgets_a_transient():
+    # Issue 16 item 9: one transient (cudnn autotuning a new shape) must not lower every later
+    # plan.  Steady sizes, each step peaking at 2 MiB + 64 KiB per sample (1% noise) ...
+    rng = np.random.default_rng(3)
+
+    def steady(model: CostModel, rounds: int) -> None:
+        for _ in range(rounds):
+            for size in (64, 96, 128, 192, 256):
+                model.observe(size, int((2 * MiB + size * 64 * 1024) * rng.uniform(1, 1.01)))
+
+    calm, spiked = CostModel(), CostModel()
+    steady(calm, 4)
+    steady(spiked, 4)
+    spiked.observe(200, 2 * MiB + 200 * 64 * 1024 + 500 * MiB)  # ... but one at a new size
+    assert spiked.predict_max_batch(GiB) < calm.predict_max_batch(GiB) * 0.9  # careful at first
+    steady(calm, 100)
+    steady(spiked, 100)  # 500 steps later: the transient's excess has decayed
+    assert spiked.predict_max_batch(GiB) >= calm.predict_max_batch(GiB) * 0.99
+    # A size that runs again is judged by its recent peaks, not its worst one.
+    spiked.observe(128, 2 * MiB + 128 * 64 * 1024 + 500 * MiB)
+    for _ in range(9):
+        spiked.observe(128, 2 * MiB + 128 * 64 * 1024)
+    assert spiked.predict_max_batch(GiB) >= calm.predict_max_batch(GiB) * 0.99
+
+
+def test_cost_model_plans_conservatively_from_nearly_equal_sizes():
+    # Steady state (256) and an epoch's tail (250): the fixed part cannot be told from the
+    # per-sample part; a line through two noisy points could plan any batch.
+    rng = np.random.default_rng(4)
+    model = CostModel()
+    truth = 512 * MiB, 4 * MiB  # intercept, per sample
+    for size in (256, 250) * 5:
+        model.observe(size, int((truth[0] + size * truth[1]) * rng.uniform(1, 1.01)))
+    largest = (64 * GiB - truth[0]) // truth[1]
+    assert 0.5 * largest < model.predict_max_batch(64 * GiB, 1.0) <= largest
+
+
 def test_cost_model_validation():
     model = CostModel()
     with pytest.raises(ArgumentError, match=r"batch_size must be a positive int, got 0"):
