@@ -115,3 +115,27 @@ def one_compute_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def _hypothesis_missing() -> bool:
+    try:
+        import hypothesis  # noqa: F401
+    except ImportError:
+        return True
+    return False
+
+
+HYPOTHESIS_MISSING = _hypothesis_missing()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """hypothesis is a test extra (installed in CI): on a machine without it — the bare GPU
+    machine benchmarks/gpu_check.sh runs on — a test module that imports it is skipped, not
+    an error that ends the run (``pytest -m cuda`` must still collect)."""
+    outcome = yield
+    report = outcome.get_result()
+    if HYPOTHESIS_MISSING and report.failed and "hypothesis" in str(report.longrepr):
+        report.outcome = "skipped"
+        report.longrepr = (str(collector.path), 0,
+                           "Skipped: needs hypothesis (pip install -e .[test])")

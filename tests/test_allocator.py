@@ -93,3 +93,24 @@ def test_the_cuda_probe_reports_what_the_allocator_can_hand_out():
     # 40 GB cap - 30 GB reserved may still grow, plus the largest cached fragment; the old
     # figure was 70 GB + 10 GB cached.
     assert (info.free, info.total) == (10 * GB + 6 * GB, 40 * GB)
+
+
+def test_step_peaks_and_allocatable_memory_plan_with_the_shape_cost_model():
+    # The measuring side (this module) and the shape-aware model (costmodel.py) plug together:
+    # peaks from StepMemory train it, allocatable() is the budget it plans in.
+    from gpuloader.costmodel import ShapeCostModel
+
+    fake = FakeCuda()
+    fake.stats = {"allocated_bytes.all.current": 1 * GB, "allocated_bytes.all.peak": 1 * GB}
+    meter = StepMemory(CUDA0, learn=True, cuda=fake)
+    model = ShapeCostModel()
+    for batch in (64, 128, 96, 128, 64):
+        meter.begin()
+        fake.stats["allocated_bytes.all.peak"] = 1 * GB + batch * 4 * MB  # 4 MB per sample
+        model.observe(batch, 1, meter.step_peak())
+    fake.free_total = (6 * GB, 80 * GB)
+    fake.segments = [segment(2 * GB)]
+    fake.stats["reserved_bytes.all.current"] = 3 * GB
+    free, _ = allocatable(0, cuda=fake)
+    assert free == 8 * GB
+    assert model.max_batch(1, free) == 8 * GB // (4 * MB)
