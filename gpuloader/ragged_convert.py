@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -80,6 +80,13 @@ def text_to_tokens(src: PathLike, dst: PathLike, *, text_key: Optional[str] = No
     if not source.exists():
         raise SourceNotFoundError(f"convert: source {str(source)!r} does not exist; expected a "
                                   f"folder of text files or a JSON-lines file")
+    return write_tokens(_documents(source, text_key, glob), dst, overwrite=overwrite)
+
+
+def write_tokens(documents: Iterable[bytes], dst: PathLike, *,
+                 overwrite: bool = False) -> Dict[str, Any]:
+    """Each of ``documents`` (bytes) as one sample of byte-level (uint8) tokens in a Megatron
+    pair at ``dst`` (prefix or either file), streamed; renamed into place when complete."""
     bin_path, idx_path = pair_paths(dst)
     _check_target([bin_path, idx_path], overwrite)
     bin_path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,7 +94,7 @@ def text_to_tokens(src: PathLike, dst: PathLike, *, text_key: Optional[str] = No
     lengths: List[int] = []
     try:
         with open(tmp_bin, "wb") as out:
-            for doc in _documents(source, text_key, glob):
+            for doc in documents:
                 out.write(doc)
                 lengths.append(len(doc))
         write_index(tmp_idx, np.asarray(lengths, dtype=np.int64), np.dtype(np.uint8))

@@ -1,0 +1,165 @@
+"""The DataLoader's variable-length options, checked, and the token-budget epochs they make.
+
+``RaggedOptions.check`` validates ``max_tokens``, ``pad_value``, ``pad_to_multiple_of``,
+``packed`` and ``bucket_window`` against the dataset; ``TokenEpochs`` turns an epoch into an
+order of dataset positions plus the planned batch ends (NOTE(length-buckets) in batching.py)
+and cuts the next batch at the live budget (NOTE(token-budget)).
+
+NOTE(token-plan): an epoch's batches are planned once, with the planning budget ``plan_tokens``
+(the ``max_tokens`` given, or the one a resumed state was planned with), as a pure function of
+(seed, epoch, rank, world size, lengths, plan_tokens, bucket_window).  The live budget
+(``loader.max_tokens``, shrunk by ``oom_guard``) only splits planned batches further: the next
+batch is the longest prefix of what is left of the planned batch that fits the live budget.
+Every batch is thus a consecutive span of a fixed order, so the cursor, rollback and O(1)
+resume of NOTE(cursor) in epoch.py hold unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Tuple
+
+import numpy as np
+
+from gpuloader.batching import (TokenBudget, boundaries, bucket, cut, default_bucket_window,
+                                shard_batches)
+from gpuloader.errors import ArgumentError, ArgumentTypeError, describe
+from gpuloader.order import epoch_order
+from gpuloader.padding import RaggedLayout
+from gpuloader.sources.base import Source
+from gpuloader.sources.ragged import ragged_names
+
+
+def _positive(name: str, value: object, *, allow_none: bool) -> Optional[int]:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ArgumentTypeError(f"{name} must be a positive int{' or None' if allow_none else ''}"
+                                f", got {describe(value)}")
+    if value < 1:
+        raise ArgumentError(f"{name} must be a positive int, got {int(value)}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class RaggedOptions:
+    """The checked variable-length options of one loader (see DataLoader's docstring)."""
+
+    max_tokens: Optional[int]
+    pad_value: Any
+    multiple: int
+    packed: bool
+    bucket_window: Optional[int]
+    max_samples: Optional[int]
+
+    @staticmethod
+    def check(fields: Optional[Sequence[str]], ragged: Sequence[str], *, max_tokens: Any,
+              pad_value: Any, pad_to_multiple_of: Any, packed: Any, bucket_window: Any,
+              batch_size: Any, dtypes: Optional[dict] = None) -> Optional["RaggedOptions"]:
+        """The options for a dataset with ``ragged`` fields (None for a fixed-size dataset,
+        after refusing options that only apply to ragged ones).  ``fields`` is None when the
+        dataset cannot be read in batches (then ragged options are refused too)."""
+        max_tokens = _positive("max_tokens", max_tokens, allow_none=True)
+        multiple = _positive("pad_to_multiple_of", pad_to_multiple_of, allow_none=False)
+        window = _positive("bucket_window", bucket_window, allow_none=True)
+        if not isinstance(packed, (bool, np.bool_)):
+            raise ArgumentTypeError(f"packed must be a bool, got {describe(packed)}")
+        given = [name for name, value, default in (
+            ("max_tokens", max_tokens, None), ("pad_to_multiple_of", multiple, 1),
+            ("packed", bool(packed), False), ("bucket_window", window, None),
+            ("pad_value", pad_value, 0)) if value != default]
+        if not ragged:
+            if given:
+                what = ("a dataset with a variable-length (ragged) field read in batches "
+                        "(gl.Ragged, a Megatron .bin/.idx, NAME.values.npy + "
+                        "NAME.offsets.npy, an HDF5 values/offsets group)")
+                have = f"its fields {list(fields)} are fixed-size" if fields is not None else \
+                    "this dataset is not an ArrayDataset (or a Subset of one)"
+                raise ArgumentError(f"{given[0]}= needs {what}; {have}; use batch_size= for "
+                                    f"fixed-size samples")
+            return None
+        if batch_size == "auto" or batch_size is None:
+            raise ArgumentError(
+                f"batch_size={batch_size!r} on a dataset with ragged fields {list(ragged)}: "
+                f"give max_tokens=<int> (padded tokens per batch) and optionally an int "
+                f"batch_size as a cap on samples per batch")
+        for name, dtype in (dtypes or {}).items():
+            try:
+                ok = np.array(pad_value).astype(dtype) == np.array(pad_value)
+            except (TypeError, ValueError, OverflowError):
+                ok = False
+            if not bool(ok):
+                raise ArgumentError(f"pad_value={describe(pad_value)} cannot be stored in "
+                                    f"ragged field {name!r} of dtype {np.dtype(dtype)}; give a "
+                                    f"value that dtype holds exactly, e.g. pad_value=0")
+        cap = None if max_tokens is not None and batch_size == 1 else int(batch_size)
+        return RaggedOptions(max_tokens, pad_value, multiple, bool(packed), window, cap)
+
+
+def planning_lengths(source: Source, index_map: Optional[np.ndarray]) -> np.ndarray:
+    """Per dataset position: the longest of the sample's ragged fields (int64)."""
+    names = ragged_names(source.fields)
+    lengths = source.lengths(names[0])  # type: ignore[attr-defined]
+    for name in names[1:]:
+        lengths = np.maximum(lengths, source.lengths(name))  # type: ignore[attr-defined]
+    return lengths if index_map is None else lengths[index_map]
+
+
+class TokenEpochs:
+    """Epoch plans and live cuts for one loader (NOTE(token-plan)).
+
+    ``lengths``: per dataset position (:func:`planning_lengths`); ``plan_tokens``: the
+    planning budget (None: fixed-size spans of ``max_samples``, in the plain order).
+    """
+
+    def __init__(self, options: RaggedOptions, lengths: np.ndarray) -> None:
+        self.options = options
+        self.lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+        self.plan_tokens = options.max_tokens
+
+    def budget(self, tokens: int) -> TokenBudget:
+        """A TokenBudget of ``tokens`` with this loader's rounding and sample cap."""
+        return TokenBudget(int(tokens), self.options.multiple, self.options.max_samples)
+
+    def window(self) -> int:
+        """Samples per bucket window (``bucket_window`` or NOTE(length-buckets)'s default)."""
+        if self.options.bucket_window is not None:
+            return self.options.bucket_window
+        return default_bucket_window(self.lengths, self.budget(self.plan_tokens or 1))
+
+    def plan(self, kind: str, *, seed: int, epoch: int, rank: int, world_size: int,
+             drop_last: bool, block_length: int) -> Tuple[np.ndarray, np.ndarray]:
+        """``(order of dataset positions, planned batch ends)`` of rank ``rank``'s epoch."""
+        assert self.plan_tokens is not None
+        n = len(self.lengths)
+        full = epoch_order(kind, n, seed=seed, epoch=epoch, block_length=block_length)
+        budget = self.budget(self.plan_tokens)
+        if kind == "sequential":
+            order, ends = full, boundaries(self.lengths, budget)
+        else:
+            order, ends = bucket(full, self.lengths, budget, window=self.window(), seed=seed,
+                                 epoch=epoch)
+        return shard_batches(order, ends, rank=rank, world_size=world_size,
+                             drop_last=drop_last)
+
+    def next_end(self, order_lengths: np.ndarray, pos: int, stop: int, live: int) -> int:
+        """End of the batch from ``pos`` within the planned batch ending at ``stop``."""
+        return cut(order_lengths, pos, stop, self.budget(live))
+
+
+def layout_for(fields: dict, source: Source, options: RaggedOptions) -> RaggedLayout:
+    """The RaggedLayout of a loader's batches (lengths indexed by source row)."""
+    lengths = {n: source.lengths(n) for n in ragged_names(fields)}  # type: ignore[attr-defined]
+    return RaggedLayout(fields, lengths, packed=options.packed, pad_value=options.pad_value,
+                        multiple=options.multiple)
+
+
+def max_rows(lengths: np.ndarray, options: RaggedOptions, live: Optional[int]) -> int:
+    """Most samples one batch can hold: the cap, the dataset, and budget // shortest."""
+    n = max(1, len(lengths))
+    rows = n if options.max_samples is None else min(n, options.max_samples)
+    if live is not None:
+        shortest = max(1, -(-int(lengths.min()) // options.multiple) * options.multiple) \
+            if len(lengths) else 1
+        rows = min(rows, max(1, live // shortest))
+    return rows
+
