@@ -67,7 +67,12 @@ class AdaptiveBatch:
 
     def __init__(self, target: int, *, auto: bool, options: SizingOptions,
                  config: Callable[[], SizerConfig], free: FreeMemory, world: World,
-                 stats: LoaderStats, device: Optional[torch.device]) -> None:
+                 stats: LoaderStats, device: Optional[torch.device], tokens: bool = False) -> None:
+        #: NOTE(token-budget-size): with ``tokens`` the live size is ``max_tokens`` (padded
+        #: tokens per batch), not samples: an out-of-memory error halves it (the failed batch's
+        #: samples come again, cut at the new budget), and a batch of one sample that fails
+        #: cannot shrink.  The cost model learns from sample counts only, so it stays idle.
+        self.tokens = tokens
         self.auto = auto
         self.options = options
         self._make_config = config
@@ -119,7 +124,12 @@ class AdaptiveBatch:
         batch is already at the smallest size."""
         rewind_to = self.step_start if whole_step and self.step_start is not None else start
         predicted = None
-        if self.cost_model.has_fit:
+        if self.tokens:  # NOTE(token-budget-size)
+            if length <= 1 and self.world.world_size == 1:  # ranks converge to the floor
+                raise ValueError("a batch of one sample does not fit in memory (max_tokens "
+                                 "cannot split it further)")
+            length = self.controller.current
+        elif self.cost_model.has_fit:
             predicted = self.cost_model.predict_max_batch(self.free(),
                                                           self.options.memory_fraction)
         self.controller.on_oom(max(1, length), predicted)
@@ -135,7 +145,7 @@ class AdaptiveBatch:
         is re-planned from it (never above ``capacity``), replacing the guess.  The step count
         is the same on every rank, so the agreeing collective stays matched.
         """
-        self.controller.on_success(size)
+        self.controller.on_success(self.controller.current if self.tokens else size)
         self._guarded_steps += 1
         if self.auto and self.cost_model.has_fit and self._guarded_steps % REPLAN_STEPS == 0:
             self.controller.set_target(min(self.capacity, self.plan()))
@@ -154,7 +164,8 @@ class AdaptiveBatch:
 
     def learn(self, size: int, peak_bytes: int) -> None:
         """A guarded step of ``size`` samples needed ``peak_bytes`` beyond what it started with."""
-        self.cost_model.observe(size, max(0, peak_bytes))
+        if not self.tokens:  # NOTE(token-budget-size)
+            self.cost_model.observe(size, max(0, peak_bytes))
 
     def state_dict(self) -> dict:
         """The size and the controller's cooldown (see DataLoader's docstring)."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Deque, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Deque, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -42,9 +42,20 @@ def ring_slots(prefetch_depth: int) -> int:
     return prefetch_depth + 2
 
 
-def allocate(fields: Mapping[str, FieldSpec], rows: int, *, device: torch.device,
+#: Rows per buffer: one count for every field, or a count per field (ragged batches, whose
+#: flat token buffers and per-sample fields differ: NOTE(ragged-batch) in padding.py).
+Rows = Union[int, Mapping[str, int]]
+
+
+def rows_of(rows: Rows, name: str) -> int:
+    """The row count ``rows`` gives field ``name``."""
+    return rows if isinstance(rows, int) else int(rows[name])
+
+
+def allocate(fields: Mapping[str, FieldSpec], rows: Rows, *, device: torch.device,
              pin: bool = False) -> Dict[str, torch.Tensor]:
-    """One uninitialised tensor per field with room for ``rows`` samples.
+    """One uninitialised tensor per field with room for ``rows`` samples (per field if a
+    mapping).
 
     ``pin`` page-locks host memory so device copies can run asynchronously.  Lifetime: as long
     as the caller keeps the dict.
@@ -53,10 +64,12 @@ def allocate(fields: Mapping[str, FieldSpec], rows: int, *, device: torch.device
         # numpy's allocations come from malloc's heap, which reuses freed batches; torch's CPU
         # allocator returns large blocks to the OS on free, so every new batch page-faults
         # (measured: 3.4x slower for 1 MB batches).  The tensor keeps the array alive.
-        return {name: torch.from_numpy(np.empty((rows, *spec.shape), dtype=spec.dtype))
+        return {name: torch.from_numpy(np.empty((rows_of(rows, name), *spec.shape),
+                                                dtype=spec.dtype))
                 for name, spec in fields.items()}
     return {
-        name: torch.empty((rows, *spec.shape), dtype=torch_dtype(spec.dtype), device=device,
+        name: torch.empty((rows_of(rows, name), *spec.shape), dtype=torch_dtype(spec.dtype),
+                          device=device,
                           pin_memory=pin and device.type == "cpu")
         for name, spec in fields.items()
     }
@@ -72,10 +85,10 @@ def pinned_footprint(nbytes: int) -> int:
     return 1 << max(0, nbytes - 1).bit_length() if nbytes > 0 else 0
 
 
-def allocate_block(fields: Mapping[str, FieldSpec], rows: int, *,
+def allocate_block(fields: Mapping[str, FieldSpec], rows: Rows, *,
                    pin: bool) -> Tuple[Dict[str, torch.Tensor], int]:
-    """Host tensors for ``rows`` samples of every field, carved out of one (pinned when ``pin``)
-    block; returns them and the block's size in bytes.
+    """Host tensors for ``rows`` samples of every field (per field if a mapping), carved out
+    of one (pinned when ``pin``) block; returns them and the block's size in bytes.
 
     NOTE(pinned-rounding): torch's pinned-memory cache rounds each allocation up to a power of
     two, so a tensor per field could waste up to half of each; one block per slot rounds once.
@@ -85,13 +98,13 @@ def allocate_block(fields: Mapping[str, FieldSpec], rows: int, *,
     offsets, size = {}, 0
     for name, spec in fields.items():
         offsets[name] = size
-        size += -(-rows * spec.sample_nbytes // _ALIGN) * _ALIGN
+        size += -(-rows_of(rows, name) * spec.sample_nbytes // _ALIGN) * _ALIGN
     block = torch.empty(max(1, size), dtype=torch.uint8, pin_memory=pin)
     out = {}
     for name, spec in fields.items():
-        start = offsets[name]
-        raw = block[start:start + rows * spec.sample_nbytes]
-        out[name] = raw.view(torch_dtype(spec.dtype)).view(rows, *spec.shape)
+        start, count = offsets[name], rows_of(rows, name)
+        raw = block[start:start + count * spec.sample_nbytes]
+        out[name] = raw.view(torch_dtype(spec.dtype)).view(count, *spec.shape)
     return out, size
 
 
@@ -106,14 +119,14 @@ def poison_(tensors: Mapping[str, torch.Tensor]) -> None:
             t.fill_(torch.iinfo(t.dtype).max)
 
 
-def numpy_views(tensors: Mapping[str, torch.Tensor], rows: int) -> Dict[str, np.ndarray]:
+def numpy_views(tensors: Mapping[str, torch.Tensor], rows: Rows) -> Dict[str, np.ndarray]:
     """numpy views of the first ``rows`` rows of host ``tensors`` (no copy)."""
-    return {name: t[:rows].numpy() for name, t in tensors.items()}
+    return {name: t[:rows_of(rows, name)].numpy() for name, t in tensors.items()}
 
 
-def row_views(tensors: Mapping[str, torch.Tensor], rows: int) -> Dict[str, torch.Tensor]:
+def row_views(tensors: Mapping[str, torch.Tensor], rows: Rows) -> Dict[str, torch.Tensor]:
     """Tensor views of the first ``rows`` rows of ``tensors`` (no copy)."""
-    return {name: t[:rows] for name, t in tensors.items()}
+    return {name: t[:rows_of(rows, name)] for name, t in tensors.items()}
 
 
 @dataclass
@@ -125,7 +138,7 @@ class HostSlot:
     """
 
     tensors: Dict[str, torch.Tensor]
-    capacity: int
+    capacity: Rows
     copied: Optional["torch.cuda.Event"] = None
     used: bool = False
 
@@ -146,7 +159,7 @@ class HostSlot:
 class HostRing:
     """``slots`` preallocated host buffers, pinned when ``pin``; handed out round robin."""
 
-    def __init__(self, fields: Mapping[str, FieldSpec], capacity: int, slots: int, *,
+    def __init__(self, fields: Mapping[str, FieldSpec], capacity: Rows, slots: int, *,
                  pin: bool) -> None:
         self.slots: List[HostSlot] = []
         self.nbytes = 0  # host bytes the slots hold, as the pinned cache rounds them
@@ -176,7 +189,7 @@ class DeviceSlot:
     #: :meth:`DeviceRing.add_user` (NOTE(stream-rule) in streams.py).
     users: List[Any] = field(default_factory=list)
     used: bool = False
-    rows: int = 0
+    rows: Rows = 0
     started: Optional["torch.cuda.Event"] = None    # the copy into this slot began (timing)
 
 
@@ -187,7 +200,7 @@ class DeviceRing:
     A handed-out slot stays valid for ``slots - 1`` draws (NOTE(slot-lifetime)).
     """
 
-    def __init__(self, fields: Mapping[str, FieldSpec], capacity: int, slots: int,
+    def __init__(self, fields: Mapping[str, FieldSpec], capacity: Rows, slots: int,
                  device: torch.device, *, reuse: bool = True, cuda: Any = None) -> None:
         # ``cuda``: the CUDA calls (streams.CudaApi); tests pass a recording stand-in to check
         # the event logic without a GPU.
@@ -209,7 +222,7 @@ class DeviceRing:
         #: timing is not read yet (NOTE(copy-timing)).
         self._timings: Deque[tuple] = deque()
 
-    def copy_in(self, host: HostSlot, rows: int) -> DeviceSlot:
+    def copy_in(self, host: HostSlot, rows: Rows) -> DeviceSlot:
         """Issue an asynchronous copy of ``rows`` rows of ``host`` into the next slot.
 
         Returns the slot; its ``ready`` event fires when the bytes have landed.  The host slot's
@@ -237,7 +250,8 @@ class DeviceRing:
             started = self._cuda.Event(enable_timing=True)
             started.record(self.stream)
             for name, src in host.tensors.items():
-                slot.tensors[name][:rows].copy_(src[:rows], non_blocking=True)
+                count = rows_of(rows, name)
+                slot.tensors[name][:count].copy_(src[:count], non_blocking=True)
             event = self._cuda.Event(enable_timing=True)
             event.record(self.stream)
         slot.started = started

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from gpuloader.adaptive import AdaptiveBatch
-from gpuloader.buffers import (DeviceRing, DeviceSlot, HostRing, HostSlot, allocate,
+from gpuloader.buffers import (DeviceRing, DeviceSlot, HostRing, HostSlot, Rows, allocate,
                                numpy_views, ring_slots, row_views)
 from gpuloader.epoch import EpochCursor
 from gpuloader.errors import add_note
@@ -28,6 +28,8 @@ from gpuloader.readahead import Readahead
 from gpuloader.sources.base import FieldSpec, Source
 from gpuloader.stats import LoaderStats
 from gpuloader.views import ArrayView
+from gpuloader.padding import LayoutSource, RaggedLayout
+from gpuloader.tokens import TokenEpochs
 
 _CPU = torch.device("cpu")
 #: Batches below this many bytes are read inline by the consumer (NOTE(inline-reads)).
@@ -56,6 +58,23 @@ class FastResources:
     sample_nbytes: int = 0
     inline: bool = False  # NOTE(inline-reads): read in the consumer, no reader threads
     readahead: Optional[Readahead] = None  # hints for window orders (readahead.py)
+    layout: Optional[RaggedLayout] = None    # ragged batches (NOTE(ragged-batch))
+    tokens: Optional[TokenEpochs] = None     # token-budget spans (NOTE(token-plan))
+
+    def buffers(self, indices: np.ndarray, length: int,
+                flat: Optional[Dict[str, torch.Tensor]]) -> tuple:
+        """``(tensors, rows, shapes)`` of the batch of ``indices``: views of ``flat`` (a host
+        slot) or fresh CPU tensors.  ``rows`` is what a device copy moves; ``shapes`` is None
+        for fixed-size batches."""
+        if self.layout is None:
+            tensors = row_views(flat, length) if flat is not None else \
+                allocate(self.fields, length, device=_CPU, pin=self.pin)
+            return tensors, length, None
+        shapes = self.layout.shapes(indices)
+        rows = self.layout.rows(shapes, self.fields)
+        if flat is None:
+            flat = allocate(self.fields, rows, device=_CPU, pin=self.pin)
+        return self.layout.views(flat, shapes, rows), rows, shapes
 
 
 @dataclass
@@ -66,14 +85,20 @@ class _Pending:
     tensors: Dict[str, torch.Tensor]
     host: Optional[HostSlot] = None
     dslot: Optional[DeviceSlot] = None
+    rows: Rows = 0                             # buffer rows used, per field for ragged batches
+    shapes: Optional[Dict[str, tuple]] = None  # ragged batches: each key's shape
 
 
 class FastEpochIterator(EpochCursor):
     """Iterates one epoch of ``order`` from ``start`` (see NOTE(cursor) in epoch.py)."""
 
     def __init__(self, res: FastResources, epoch: int, order: np.ndarray, start: int, *,
-                 sort: bool, drop_last: bool, boundaries: Optional[np.ndarray] = None) -> None:
+                 sort: bool, drop_last: bool, boundaries: Optional[np.ndarray] = None,
+                 order_lengths: Optional[np.ndarray] = None) -> None:
         super().__init__(epoch, start)
+        #: With a token budget: planning lengths in the order; spans are cut at the live
+        #: budget within the planned batches ``boundaries`` (NOTE(token-plan) in tokens.py).
+        self._order_lengths = order_lengths
         self.res = res
         self.order = order
         self._sort = sort
@@ -92,6 +117,10 @@ class FastEpochIterator(EpochCursor):
         n = len(self.order)
         if pos >= n:
             return None
+        if self._order_lengths is not None:
+            stop = int(self._boundaries[np.searchsorted(self._boundaries, pos, side="right")])
+            live = self.res.sizing.current  # the live max_tokens
+            return pos, self.res.tokens.next_end(self._order_lengths, pos, stop, live) - pos
         # Without a live size a user batch_sampler sets the sizes: spans end at its boundaries.
         size = self.res.sizing.current if self.res.sizing is not None else n - pos
         end = min(pos + size, n)
@@ -120,14 +149,13 @@ class FastEpochIterator(EpochCursor):
         before = ready = None
         if res.host_ring is not None:
             host = res.host_ring.take()
-            tensors = row_views(host.tensors, length)
             before, ready = host.prepare_for_write, host.writable
-        else:
-            tensors = allocate(res.fields, length, device=_CPU, pin=res.pin)
+        tensors, rows, shapes = res.buffers(indices, length,
+                                            host.tensors if host is not None else None)
         self._seq += 1
-        entry = _Pending(self._seq, start, length, tensors, host)
-        res.pool.submit(ReadJob(self._seq, indices, numpy_views(tensors, length), before=before,
-                                ready=ready))
+        entry = _Pending(self._seq, start, length, tensors, host, rows=rows, shapes=shapes)
+        res.pool.submit(ReadJob(self._seq, indices, {k: t.numpy() for k, t in tensors.items()},
+                                before=before, ready=ready))
         self._pending.append(entry)
 
     def _fill(self) -> None:
@@ -162,7 +190,7 @@ class FastEpochIterator(EpochCursor):
         self.position = entry.start + entry.length
         self.last_start, self.last_length = entry.start, entry.length
         self._fill()
-        self.res.stats.add_delivery(entry.length, entry.length * self.res.sample_nbytes, waited)
+        self.res.stats.add_delivery(entry.length, _nbytes(tensors, entry, self.res), waited)
         return self.res.pack(tensors)
 
     def _next_inline(self) -> Any:
@@ -175,10 +203,10 @@ class FastEpochIterator(EpochCursor):
             raise StopIteration
         start, length = span
         started = time.perf_counter()
-        tensors = allocate(res.fields, length, device=_CPU, pin=res.pin)
         indices = self._indices(start, length)
+        tensors, _, shapes = res.buffers(indices, length, None)
         try:
-            res.source.read_into(indices, numpy_views(tensors, length))
+            res.source.read_into(indices, {k: t.numpy() for k, t in tensors.items()})
         except Exception as exc:
             add_note(exc, f"gpuloader: raised while reading sample indices "
                           f"{describe_indices(indices)}")
@@ -186,18 +214,21 @@ class FastEpochIterator(EpochCursor):
         res.stats.add_read(time.perf_counter() - started)
         self.position = start + length
         self.last_start, self.last_length = start, length
-        res.stats.add_delivery(length, length * res.sample_nbytes, 0.0)
+        res.stats.add_delivery(length, length * res.sample_nbytes if shapes is None else
+                               sum(t.nbytes for t in tensors.values()), 0.0)
         return res.pack(tensors)
 
     def _to_device(self, entry: _Pending) -> Dict[str, torch.Tensor]:
         ring = self.res.device_ring
         if entry.dslot is None:
-            entry.dslot = ring.copy_in(entry.host, entry.length)
+            entry.dslot = ring.copy_in(entry.host, entry.rows)
         tensors = ring.hand_out(entry.dslot)  # releases the slot due (NOTE(slot-lifetime))
+        if entry.shapes is not None:
+            tensors = {k: tensors[k].view(shape) for k, shape in entry.shapes.items()}
         # Start the next copy now, so it overlaps the step.
         if self._pending and self.res.pool.done(self._pending[0].seq):
             nxt = self._pending[0]
-            nxt.dslot = ring.copy_in(nxt.host, nxt.length)
+            nxt.dslot = ring.copy_in(nxt.host, nxt.rows)
         self.res.stats.add_copy(*ring.finished_timings())
         return tensors
 
@@ -233,11 +264,16 @@ class FastPath:
     def __init__(self, view: ArrayView, *, sizing: Optional[AdaptiveBatch], stats: LoaderStats,
                  free: FreeMemory, budgeted: bool, device: Optional[torch.device],
                  prefetch_depth: int, reader_threads: int, num_workers: int, context: Any,
-                 pin: bool, reuse_buffers: bool, collate: Optional[Callable[[Any], Any]]) -> None:
+                 pin: bool, reuse_buffers: bool, collate: Optional[Callable[[Any], Any]],
+                 layout: Optional[RaggedLayout] = None, tokens: Optional[TokenEpochs] = None,
+                 ragged_capacity: Optional[Dict[str, int]] = None) -> None:
         self.view, self.sizing, self.stats, self.free = view, sizing, stats, free
         self.budgeted, self.device, self.prefetch_depth = budgeted, device, prefetch_depth
         self.reader_threads, self.num_workers, self.context = reader_threads, num_workers, context
         self.pin, self.reuse_buffers, self.collate = pin, reuse_buffers, collate
+        #: Ragged batches: their layout, token spans, and buffer rows per batch key, sized once
+        #: for the token budget (NOTE(ragged-batch) in padding.py).
+        self.layout, self.tokens, self.ragged_capacity = layout, tokens, ragged_capacity
         self.resources: Optional[FastResources] = None
 
     @property
@@ -246,11 +282,14 @@ class FastPath:
         return self.resources.pool if self.resources is not None else None
 
     def epoch(self, epoch: int, order: np.ndarray, start: int, *, sort: bool, drop_last: bool,
-              boundaries: Optional[np.ndarray], capacity: Optional[int]) -> FastEpochIterator:
+              boundaries: Optional[np.ndarray], capacity: Optional[int],
+              order_lengths: Optional[np.ndarray] = None) -> FastEpochIterator:
         """An iterator over ``epoch`` (see FastEpochIterator); ``capacity`` is the largest batch
-        of a user batch sampler (there is no live size then)."""
+        of a user batch sampler (there is no live size then); ``order_lengths`` switches to
+        token-budget spans (NOTE(token-plan))."""
         return FastEpochIterator(self._resources(capacity), epoch, order, start, sort=sort,
-                                 drop_last=drop_last, boundaries=boundaries)
+                                 drop_last=drop_last, boundaries=boundaries,
+                                 order_lengths=order_lengths)
 
     def _resources(self, capacity: Optional[int]) -> FastResources:
         res, slots = self.resources, ring_slots(self.prefetch_depth)
@@ -274,29 +313,41 @@ class FastPath:
         if self.sizing is not None:
             capacity = self.sizing.capacity
         capacity = max(1, capacity or 1)
-        inline = not cuda and capacity * view.sample_nbytes <= INLINE_BATCH_BYTES
+        fields: Dict[str, FieldSpec] = view.fields
+        rows: Rows = capacity
+        source: Source = view.source
+        if self.layout is not None:
+            fields, rows = self.layout.buffer_fields(), dict(self.ragged_capacity or {})
+            source = LayoutSource(view.source, self.layout)
+        nbytes = sum(s.sample_nbytes * (rows if isinstance(rows, int) else rows[k])
+                     for k, s in fields.items())
+        inline = not cuda and nbytes <= INLINE_BATCH_BYTES
         host_ring = device_ring = None
         if cuda:
             # Pinning creates a CUDA context on the current device if it has none: make the
             # target device current first, so no context lands on GPU 0 for a "cuda:1" loader.
             with torch.cuda.device(device):
-                host_ring = HostRing(view.fields, capacity, slots, pin=True)
-                device_ring = DeviceRing(view.fields, capacity, slots, device,
-                                         reuse=self.reuse_buffers)
+                host_ring = HostRing(fields, rows, slots, pin=True)
+                device_ring = DeviceRing(fields, rows, slots, device, reuse=self.reuse_buffers)
             if not self.budgeted:
                 self.free.held = device_ring.nbytes
         pool = None if inline else self._make_pool(capacity)
         self.resources = FastResources(
-            source=view.source, fields=view.fields, index_map=view.index_map,
+            source=source, fields=fields, index_map=view.index_map,
             pack=_packer(view, self.collate), pool=pool,
             stats=self.stats, sizing=self.sizing, prefetch_depth=self.prefetch_depth,
             device=device, pin=self.pin, host_ring=host_ring, device_ring=device_ring,
-            sample_nbytes=view.sample_nbytes, inline=inline,
-            readahead=Readahead(view.source) if Readahead.fits(view, pool) else None)
+            sample_nbytes=view.sample_nbytes, inline=inline, layout=self.layout,
+            tokens=self.tokens,
+            readahead=Readahead(view.source) if self.layout is None and
+            Readahead.fits(view, pool) else None)
         return self.resources
 
     def _make_pool(self, capacity: int) -> Pool:
         source = self.view.source
+        if self.layout is not None:  # ragged batches: reader threads fill the flat buffers
+            return ReaderPool(LayoutSource(source, self.layout), self.reader_threads,
+                              self.stats)
         if self.num_workers > 0 and needs_processes(source):
             return ProcessReaderPool(source, self.view.fields, capacity,
                                      ring_slots(self.prefetch_depth), self.num_workers,
@@ -317,6 +368,13 @@ class FastPath:
             res.device_ring.close()  # no copy may still be writing into freed slots
         self.free.held = 0
         self.view.close()
+
+
+def _nbytes(tensors: Dict[str, torch.Tensor], entry: _Pending, res: FastResources) -> int:
+    """Bytes of a delivered batch (ragged batches vary, fixed ones are rows x sample)."""
+    if entry.shapes is None:
+        return entry.length * res.sample_nbytes
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _packer(view: ArrayView,

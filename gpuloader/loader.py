@@ -45,6 +45,7 @@ from gpuloader.planning import CostModel, FreeMemory, SizerConfig, SizingOptions
 from gpuloader.probes import HostProbe, probe_for, validate_memory_budget
 from gpuloader.stats import LoaderStats
 from gpuloader.streams import StreamCopier, use_on_stream
+from gpuloader.tokens import RaggedWiring, TokenEpochs
 from gpuloader.views import ArrayView, array_view
 from gpuloader.world import World
 
@@ -165,7 +166,9 @@ class DataLoader(FrameworkHooks, tud.DataLoader[T_co]):
                  memory_budget: Optional[int] = None, sample_bytes: int = 0,
                  min_batch_size: int = 1, max_batch_size: Optional[int] = None,
                  seed: Optional[int] = None, distributed: bool = False,
-                 reuse_buffers: bool = True) -> None:
+                 reuse_buffers: bool = True, max_tokens: Optional[int] = None,
+                 pad_value: Any = 0, pad_to_multiple_of: int = 1, packed: bool = False,
+                 bucket_window: Optional[int] = None) -> None:
         batch_size = _check_batch_size(batch_size)
         auto = batch_size == "auto"
         _check_combination(dataset, auto, shuffle, sampler, batch_sampler, order, distributed)
@@ -204,6 +207,12 @@ class DataLoader(FrameworkHooks, tud.DataLoader[T_co]):
         if batch_size is not None and not isinstance(dataset, tud.IterableDataset) and not (
                 num_workers > 0 and worker_init_fn is not None):
             self._view = array_view(dataset)
+        self._ragged = RaggedWiring.build(
+            dataset, self._view, batch_size=batch_size, sampler=sampler,
+            batch_sampler=batch_sampler, collate_fn=collate_fn, max_tokens=max_tokens,
+            pad_value=pad_value, pad_to_multiple_of=pad_to_multiple_of, packed=packed,
+            bucket_window=bucket_window)
+        self._tokens = self._ragged.epochs if self._ragged is not None else None
         self._order = self._make_order(order, shuffle, seed, generator, distributed)
         if self._order.seed is not None and self._view is None and sampler is None and \
                 batch_sampler is None:
@@ -227,7 +236,9 @@ class DataLoader(FrameworkHooks, tud.DataLoader[T_co]):
                 prefetch_depth=self.prefetch_depth, reader_threads=self.reader_threads,
                 num_workers=num_workers, context=self.multiprocessing_context,
                 pin=bool(self.pin_memory) and torch.cuda.is_available() and not cuda,
-                reuse_buffers=self.reuse_buffers, collate=collate_fn)
+                reuse_buffers=self.reuse_buffers, collate=collate_fn,
+                layout=self._ragged.layout if self._ragged else None, tokens=self._tokens,
+                ragged_capacity=self._ragged.capacity if self._ragged else None)
 
     def _make_order(self, order: Optional[str], shuffle: Optional[bool], seed: Optional[int],
                     generator: Optional[torch.Generator], distributed: bool) -> OrderSpec:
@@ -265,15 +276,19 @@ class DataLoader(FrameworkHooks, tud.DataLoader[T_co]):
         auto = batch_size == "auto"
         target = planned_size(self._free, self._sizer_config(), self._world) if auto else \
             int(batch_size)  # type: ignore[arg-type]
+        if self._tokens is not None:  # the live size is max_tokens (NOTE(token-budget-size))
+            target = self._tokens.options.max_tokens
         return AdaptiveBatch(target, auto=auto, options=options, config=self._sizer_config,
                              free=self._free, world=self._world, stats=self._stats,
-                             device=self.device)
+                             device=self.device, tokens=self._tokens is not None)
 
     # ------------------------------------------------------------------ live attributes
     @property  # type: ignore[override]
     def batch_size(self) -> Optional[int]:
         """The current batch size (an int even under "auto"), or None without batching."""
         sizing = getattr(self, "_sizing", None)  # torch's __init__ reads it before it exists
+        if getattr(self, "_tokens", None) is not None:
+            return self._tokens.options.max_samples  # a cap (None: none); sizes vary
         if sizing is not None:
             return sizing.current
         return getattr(self, "_torch_batch_size", None)
@@ -308,6 +323,12 @@ class DataLoader(FrameworkHooks, tud.DataLoader[T_co]):
     def cost_model(self) -> Optional[CostModel]:
         """Peak step memory learned against batch size (None when sizes are not gpuloader's)."""
         return self._sizing.cost_model if self._sizing is not None else None
+
+    @property
+    def max_tokens(self) -> Optional[int]:
+        """The live token budget (padded tokens per batch; ``oom_guard`` shrinks it), or None
+        when batches are not sized by tokens."""
+        return self._sizing.current if self._tokens is not None and self._sizing else None
 
     def plan_batch_size(self) -> int:
         """The size ``batch_size="auto"`` picks now, agreed (minimum) over distributed ranks."""
@@ -387,7 +408,13 @@ class DataLoader(FrameworkHooks, tud.DataLoader[T_co]):
             else None
         self._draw_torch_base_seed()
         order, sort = self._order.positions(epoch)
-        boundaries = None
+        boundaries = order_lengths = None
+        if self._tokens is not None:  # NOTE(token-plan) in tokens.py
+            if step is not None:
+                raise ArgumentError("accumulate() counts samples; it cannot be combined with "
+                                    "max_tokens, whose batches hold varying sample counts")
+            order, boundaries = self._tokens.plan_epoch(self._order, epoch)
+            order_lengths = self._tokens.lengths[order]
         if step is not None:
             boundaries = np.arange(step, len(order) + step, step, dtype=np.int64)
         capacity = None
@@ -404,7 +431,7 @@ class DataLoader(FrameworkHooks, tud.DataLoader[T_co]):
         assert self._fast is not None
         return self._fast.epoch(epoch, order, start, sort=sort, boundaries=boundaries,
                                 drop_last=self.drop_last and self._user_batch_sampler is None,
-                                capacity=capacity)
+                                capacity=capacity, order_lengths=order_lengths)
 
     # ------------------------------------------------------------------ torch API
     def __len__(self) -> int:
@@ -412,6 +439,8 @@ class DataLoader(FrameworkHooks, tud.DataLoader[T_co]):
             return super().__len__()
         if self._user_batch_sampler is not None:
             return len(self._user_batch_sampler)
+        if self._tokens is not None:  # the planned batches (oom_guard may split some)
+            return len(self._tokens.plan_epoch(self._order, self._epochs.epoch)[1])
         n = self._order.shard_len() if self._user_sampler is None else len(self._user_sampler)
         size = self.batch_size or 1
         return n // size if self.drop_last else -(-n // size)
@@ -440,7 +469,8 @@ class DataLoader(FrameworkHooks, tud.DataLoader[T_co]):
         """
         return {"version": STATE_VERSION, "cursor": self._epochs.state_dict(),
                 "order": self._order.state_dict(),
-                "sizing": self._sizing.state_dict() if self._sizing is not None else None}
+                "sizing": self._sizing.state_dict() if self._sizing is not None else None,
+                "tokens": self._tokens.state_dict() if self._tokens is not None else None}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Resume from :meth:`state_dict` output: the next iteration continues that epoch.
@@ -468,7 +498,12 @@ class DataLoader(FrameworkHooks, tud.DataLoader[T_co]):
         sizing = state["sizing"] if self._sizing is not None else None
         if sizing is not None:
             AdaptiveBatch.check_state(sizing)
+        tokens = state.get("tokens") if self._tokens is not None else None
+        if tokens is not None:
+            TokenEpochs.check_state(tokens)
         with self._lock:
+            if tokens is not None:
+                self._tokens.load_state_dict(tokens)  # type: ignore[union-attr]
             self._epochs.load_state_dict(state["cursor"])
             self._order.load_state_dict(state["order"])
             if sizing is not None:

@@ -84,20 +84,42 @@ class RaggedLayout:
                 out[name + "_lengths"] = (b,)
         return out
 
-    def capacity(self, max_tokens: int, max_rows: int) -> Dict[str, Shape]:
-        """Flat buffer shapes that hold any batch of at most ``max_tokens`` padded tokens
-        (or one over-long sample) and at most ``max_rows`` samples."""
-        out: Dict[str, Shape] = {}
+    def buffer_fields(self) -> Dict[str, FieldSpec]:
+        """Batch key -> FieldSpec of one buffer row: a token for ragged fields (flat buffers),
+        a sample for fixed ones, an int64 for lengths/offsets."""
+        out: Dict[str, FieldSpec] = {}
         for name, spec in self.fields.items():
+            out[name] = FieldSpec(spec.dtype, tuple(spec.shape))
+            if name in self.lengths:
+                out[name + self.suffix] = FieldSpec(np.dtype(np.int64), ())
+        return out
+
+    def capacity(self, max_tokens: int, max_rows: int) -> Dict[str, int]:
+        """Buffer rows per batch key that hold any batch of at most ``max_tokens`` padded
+        tokens (or one over-long sample) and at most ``max_rows`` samples."""
+        out: Dict[str, int] = {}
+        for name in self.fields:
             if name not in self.lengths:
-                out[name] = (max_rows, *spec.shape)
+                out[name] = max_rows
                 continue
             lens = self.lengths[name]
             longest = self.padded(int(lens.max())) if len(lens) else 0
-            tokens = max(int(max_tokens), longest)
-            out[name] = (tokens * int(np.prod(spec.shape, dtype=np.int64)),)
-            out[name + self.suffix] = (max_rows + 1,)
+            out[name] = max(int(max_tokens), longest, 1)
+            out[name + self.suffix] = max_rows + 1
         return out
+
+    @staticmethod
+    def rows(shapes: Mapping[str, Shape], fields: Mapping[str, FieldSpec]) -> Dict[str, int]:
+        """Buffer rows each batch key of ``shapes`` uses (its elements over one row's)."""
+        return {k: int(np.prod(s, dtype=np.int64)) // max(1, int(np.prod(fields[k].shape,
+                                                                          dtype=np.int64)))
+                for k, s in shapes.items()}
+
+    @staticmethod
+    def views(flat: Mapping[str, Any], shapes: Mapping[str, Shape],
+              rows: Mapping[str, int]) -> Dict[str, Any]:
+        """Views of the first ``rows`` rows of flat buffers (tensors or arrays) in ``shapes``."""
+        return {k: flat[k][:rows[k]].reshape(shapes[k]) for k in shapes}
 
     def fill(self, source: Source, indices: np.ndarray, out: Dict[str, np.ndarray]) -> None:
         """Read the batch of ``indices`` into ``out`` (arrays of :meth:`shapes`), in one read.

@@ -63,7 +63,7 @@ class RaggedOptions:
         window = _positive("bucket_window", bucket_window, allow_none=True)
         if not isinstance(packed, (bool, np.bool_)):
             raise ArgumentTypeError(f"packed must be a bool, got {describe(packed)}")
-        given = [name for name, value, default in (
+        given = [f"{name}={describe(value)}" for name, value, default in (
             ("max_tokens", max_tokens, None), ("pad_to_multiple_of", multiple, 1),
             ("packed", bool(packed), False), ("bucket_window", window, None),
             ("pad_value", pad_value, 0)) if value != default]
@@ -74,7 +74,7 @@ class RaggedOptions:
                         "NAME.offsets.npy, an HDF5 values/offsets group)")
                 have = f"its fields {list(fields)} are fixed-size" if fields is not None else \
                     "this dataset is not an ArrayDataset (or a Subset of one)"
-                raise ArgumentError(f"{given[0]}= needs {what}; {have}; use batch_size= for "
+                raise ArgumentError(f"{given[0]} needs {what}; {have}; use batch_size= for "
                                     f"fixed-size samples")
             return None
         if batch_size == "auto" or batch_size is None:
@@ -141,6 +141,28 @@ class TokenEpochs:
         return shard_batches(order, ends, rank=rank, world_size=world_size,
                              drop_last=drop_last)
 
+    def plan_epoch(self, order: Any, epoch: int) -> Tuple[np.ndarray, np.ndarray]:
+        """:meth:`plan` for an EpochOrder (epoch.py): its kind, seed, ranks and drop_last."""
+        return self.plan(order.kind, seed=order.seed or 0, epoch=epoch, rank=order.world.rank,
+                         world_size=order.world.world_size, drop_last=order.drop_last,
+                         block_length=order.block_length)
+
+    def state_dict(self) -> dict:
+        """``{"plan_tokens"}``: the budget this loader's epochs are planned with."""
+        return {"plan_tokens": self.plan_tokens}
+
+    @staticmethod
+    def check_state(state: object) -> None:
+        """Raise unless ``state`` is :meth:`state_dict` output."""
+        if not isinstance(state, dict) or "plan_tokens" not in state:
+            raise ArgumentError(f"state['tokens'] must be a dict with 'plan_tokens' (from "
+                                f"DataLoader.state_dict()), got {describe(state)}")
+        _positive("state['tokens']['plan_tokens']", state["plan_tokens"], allow_none=False)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Plan epochs with the saved budget, so a resumed epoch has the same batches."""
+        self.plan_tokens = int(state["plan_tokens"])
+
     def next_end(self, order_lengths: np.ndarray, pos: int, stop: int, live: int) -> int:
         """End of the batch from ``pos`` within the planned batch ending at ``stop``."""
         return cut(order_lengths, pos, stop, self.budget(live))
@@ -163,3 +185,46 @@ def max_rows(lengths: np.ndarray, options: RaggedOptions, live: Optional[int]) -
         rows = min(rows, max(1, live // shortest))
     return rows
 
+
+
+@dataclass(frozen=True)
+class RaggedWiring:
+    """What a loader over ragged fields is built with: options, batch layout, token epochs
+    (None without ``max_tokens``: fixed-size spans, padded) and buffer rows per batch key."""
+
+    options: RaggedOptions
+    layout: RaggedLayout
+    epochs: Optional[TokenEpochs]
+    capacity: dict
+
+    @staticmethod
+    def build(dataset: Any, view: Any, *, batch_size: Any, sampler: Any, batch_sampler: Any,
+              collate_fn: Any, **options: Any) -> Optional["RaggedWiring"]:
+        """Check the options (``max_tokens``, ``pad_value``, ``pad_to_multiple_of``,
+        ``packed``, ``bucket_window``) against ``dataset`` and its fast-path ``view`` (None
+        when the dataset is not read in batches); None for fixed-size datasets."""
+        fields = view.fields if view is not None else None
+        ragged = ragged_names(fields) if fields is not None else []
+        if view is None and getattr(dataset, "ragged_fields", None):
+            raise ArgumentError(
+                f"the dataset's ragged fields {dataset.ragged_fields} need gpuloader's batched "
+                f"reads, which are off for it (a worker_init_fn with num_workers > 0, or a "
+                f"subclass overriding __getitem__); drop those to load it")
+        checked = RaggedOptions.check(fields, ragged, batch_size=batch_size,
+                                      dtypes={n: fields[n].dtype for n in ragged}, **options)
+        if checked is None:
+            return None
+        if collate_fn is not None:
+            raise ArgumentError("collate_fn cannot be combined with ragged fields: gpuloader "
+                                "pads or packs them itself (NAME + NAME_lengths, or packed=True "
+                                "for NAME + NAME_offsets); drop collate_fn")
+        if checked.max_tokens is not None and (sampler is not None or batch_sampler is not None):
+            raise ArgumentError("max_tokens plans its own batches and cannot be combined with "
+                                "sampler/batch_sampler; use shuffle=/order= instead")
+        lengths = planning_lengths(view.source, view.index_map)
+        layout = layout_for(fields, view.source, checked)
+        epochs = TokenEpochs(checked, lengths) if checked.max_tokens is not None else None
+        longest = layout.padded(int(lengths.max())) if len(lengths) else 1
+        tokens = checked.max_tokens or (checked.max_samples or 1) * max(1, longest)
+        rows = max_rows(lengths, checked, checked.max_tokens)
+        return RaggedWiring(checked, layout, epochs, layout.capacity(tokens, rows))

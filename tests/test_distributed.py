@@ -205,12 +205,34 @@ def scenario_accelerate(rank: int) -> Dict[str, Any]:
     return out
 
 
+TOKENS_N = 157
+
+
+def ragged_dataset() -> gl.ArrayDataset:
+    rng = np.random.default_rng(0)
+    lengths = np.clip(rng.lognormal(3.0, 1.0, TOKENS_N), 1, 300).astype(np.int64)
+    offsets = np.concatenate(([0], np.cumsum(lengths)))
+    return gl.ArrayDataset(tokens=gl.Ragged(np.zeros(int(offsets[-1]), np.int32), offsets),
+                           y=np.arange(TOKENS_N, dtype=np.int64))
+
+
+def scenario_tokens(rank: int) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for drop_last in (False, True):
+        with gl.DataLoader(ragged_dataset(), max_tokens=256, shuffle=True, seed=3,
+                           drop_last=drop_last, distributed=True, reader_threads=1) as loader:
+            batches = [{"y": b["y"].tolist(), "shape": list(b["tokens"].shape)} for b in loader]
+            out[str(drop_last)] = {"len": len(loader), "batches": batches}
+    return out
+
+
 SCENARIOS: Dict[str, Callable[[int], Dict[str, Any]]] = {
     "shards": scenario_shards,
     "auto": scenario_auto,
     "oom": scenario_oom,
     "resume": scenario_resume,
     "accelerate": scenario_accelerate,
+    "tokens": scenario_tokens,
 }
 
 
@@ -271,6 +293,22 @@ def results(ranks: List[Dict[str, Any]], name: str) -> List[Dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------- sharding
+
+@pytest.mark.parametrize("drop_last", ["False", "True"])
+def test_token_batches_are_planned_globally_so_ranks_step_equally(ranks, drop_last):
+    got = [r[drop_last] for r in results(ranks, "tokens")]
+    counts = [len(r["batches"]) for r in got]
+    assert counts[0] == counts[1] == got[0]["len"] == got[1]["len"] > 0
+    for r in got:
+        for b in r["batches"]:
+            assert b["shape"][0] * b["shape"][1] <= 256 or b["shape"][0] == 1
+    seen = [[i for b in r["batches"] for i in b["y"]] for r in got]
+    if drop_last == "True":
+        assert not set(seen[0]) & set(seen[1])  # disjoint
+    else:
+        assert set(seen[0]) | set(seen[1]) == set(range(TOKENS_N))  # every sample somewhere
+
+
 
 @pytest.mark.parametrize("key", ["False-3", "False-5", "True-3", "True-5", "generic",
                                  "drawn-seed"])

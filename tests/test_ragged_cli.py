@@ -101,3 +101,16 @@ def test_inspect_says_vlen_is_slow(tmp_path, capsys):
         d[0], d[1] = np.ones(3), np.ones(1)
     code, out, _ = run(capsys, "inspect", str(tmp_path / "v.h5"))
     assert code == 0 and "variable-length" in out and "slower" in out
+
+
+def test_bench_ragged_writes_json(tmp_path, capsys):
+    code, out, _ = run(capsys, "bench", "--ragged", "--corpus-samples", "400", "--stdlib-limit",
+                       "20", "--repeats", "1", "--torch-workers", "0", "--max-tokens", "2048",
+                       "--out", str(tmp_path))
+    assert code == 0 and "| lognormal |" in out
+    report = json.loads((tmp_path / "ragged.json").read_text())
+    for corpus in ("lognormal", "stdlib"):
+        res = report["corpora"][corpus]
+        assert set(res["tokens_per_s"]) == {"gpuloader", "torch w=0"}
+        assert 0 < res["padding_efficiency"]["fixed_random"] <= 1
+        assert res["resume_seconds"] > 0

@@ -67,6 +67,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="storage of the synthetic dataset (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="order seed (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--ragged", action="store_true",
+                        help="the variable-length benchmark instead (gpuloader/bench/ragged.py"
+                        "): padding efficiency, tokens/s vs torch, resume; uses --out, "
+                        "--repeats, --seed and the options below")
+    ragged = parser.add_argument_group("--ragged options")
+    from gpuloader.bench.ragged import add_arguments as ragged_arguments
+    ragged_arguments(ragged)
 
 
 def main(args: Union[argparse.Namespace, Sequence[str], None] = None) -> int:
@@ -91,6 +98,10 @@ def main(args: Union[argparse.Namespace, Sequence[str], None] = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
+    if getattr(args, "ragged", False):
+        from gpuloader.bench.ragged import main as ragged_main
+
+        return ragged_main(args=args)
     progress = not getattr(args, "no_progress", False)
     # Check the case names before spending time on data.
     check_names("loaders", args.loaders, LOADERS, DEFAULT_LOADERS)

@@ -217,3 +217,41 @@ def table(results: Dict[str, Any]) -> str:
             resume = f"{res['resume_seconds']:.3f}" if k == 0 else ""
             lines.append(f"{head}| {case} | {tps:,.0f} | {ratio:.1f} | {resume} |")
     return "\n".join(lines) + "\n"
+
+
+def add_arguments(parser: Any) -> None:
+    """The ragged benchmark's options (also under ``gpuloader bench --ragged``)."""
+    parser.add_argument("--corpus-samples", type=int, default=50000,
+                        help="log-normal corpus size (default: %(default)s)")
+    parser.add_argument("--max-tokens", type=int, default=16384,
+                        help="gpuloader's token budget (default: %(default)s)")
+    parser.add_argument("--fixed-batch", type=int, default=32,
+                        help="samples per torch / fixed-size batch (default: %(default)s)")
+    parser.add_argument("--stdlib-limit", type=int, default=None,
+                        help="use at most this many stdlib files (default: all)")
+    parser.add_argument("--torch-workers", type=lambda s: [int(v) for v in s.split(",") if v],
+                        default=[0, 2], help="torch num_workers values (default: 0,2)")
+
+
+def main(argv: Optional[Sequence[str]] = None, args: Any = None) -> int:
+    """Run :func:`run`, print :func:`table`, write ``<out>/ragged.json``."""
+    import argparse
+    import json
+
+    if args is None:
+        parser = argparse.ArgumentParser(prog="benchmarks/ragged.py",
+                                         description=(__doc__ or "").split("\n")[0])
+        add_arguments(parser)
+        parser.add_argument("--repeats", type=int, default=3)
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--out", default="bench_out")
+        args = parser.parse_args(argv)
+    results = run(samples=args.corpus_samples, max_tokens=args.max_tokens,
+                  batch_size=args.fixed_batch, num_workers=args.torch_workers,
+                  repeats=args.repeats, seed=args.seed, stdlib_limit=args.stdlib_limit)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ragged.json").write_text(json.dumps(results, indent=2))
+    print(table(results), end="")
+    print(f"wrote {out / 'ragged.json'}")
+    return 0
