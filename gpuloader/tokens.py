@@ -115,6 +115,7 @@ class TokenEpochs:
         self.options = options
         self.lengths = np.ascontiguousarray(lengths, dtype=np.int64)
         self.plan_tokens = options.max_tokens
+        self._last: Optional[Tuple[tuple, Tuple[np.ndarray, np.ndarray]]] = None  # one plan
 
     def budget(self, tokens: int) -> TokenBudget:
         """A TokenBudget of ``tokens`` with this loader's rounding and sample cap."""
@@ -130,6 +131,9 @@ class TokenEpochs:
              drop_last: bool, block_length: int) -> Tuple[np.ndarray, np.ndarray]:
         """``(order of dataset positions, planned batch ends)`` of rank ``rank``'s epoch."""
         assert self.plan_tokens is not None
+        key = (kind, seed, epoch, rank, world_size, drop_last, block_length, self.plan_tokens)
+        if self._last is not None and self._last[0] == key:  # len(loader), then iter(loader)
+            return self._last[1]
         n = len(self.lengths)
         full = epoch_order(kind, n, seed=seed, epoch=epoch, block_length=block_length)
         budget = self.budget(self.plan_tokens)
@@ -138,8 +142,10 @@ class TokenEpochs:
         else:
             order, ends = bucket(full, self.lengths, budget, window=self.window(), seed=seed,
                                  epoch=epoch)
-        return shard_batches(order, ends, rank=rank, world_size=world_size,
-                             drop_last=drop_last)
+        planned = shard_batches(order, ends, rank=rank, world_size=world_size,
+                                drop_last=drop_last)
+        self._last = (key, planned)
+        return planned
 
     def plan_epoch(self, order: Any, epoch: int) -> Tuple[np.ndarray, np.ndarray]:
         """:meth:`plan` for an EpochOrder (epoch.py): its kind, seed, ranks and drop_last."""

@@ -105,7 +105,7 @@ def test_inspect_says_vlen_is_slow(tmp_path, capsys):
 
 def test_bench_ragged_writes_json(tmp_path, capsys):
     code, out, _ = run(capsys, "bench", "--ragged", "--corpus-samples", "400", "--stdlib-limit",
-                       "20", "--repeats", "1", "--torch-workers", "0", "--max-tokens", "2048",
+                       "20", "--repeats", "1", "--torch-workers", "0", "--max-tokens", "2048", "--stdlib-max-tokens", "8192",
                        "--out", str(tmp_path))
     assert code == 0 and "| lognormal |" in out
     report = json.loads((tmp_path / "ragged.json").read_text())

@@ -232,3 +232,50 @@ def test_ragged_batches_on_cuda_are_views_of_preallocated_slots(data):
     before = {k: t.data_ptr() for k, t in res.device_ring.slots[0].tensors.items()}
     list(loader)
     assert {k: t.data_ptr() for k, t in res.device_ring.slots[0].tensors.items()} == before
+
+
+def test_staged_ragged_batches_are_views_of_slots_sized_once(data):
+    """The CUDA staging path on the CPU, with test_buffers' stand-in for torch.cuda: host and
+    device slots are allocated once for the token budget, each batch copies only the rows it
+    uses, and delivered batches are shaped views equal to the source samples."""
+    from test_buffers import FakeCuda
+
+    from gpuloader import buffers
+    from gpuloader.fastpath import FastEpochIterator, FastResources
+    from gpuloader.padding import LayoutSource
+    from gpuloader.readers import ReaderPool
+    from gpuloader.sizing import SizeController
+    from gpuloader.stats import LoaderStats
+    from gpuloader.tokens import RaggedWiring
+
+    ds, values, offsets, lengths = data
+    wiring = RaggedWiring.build(ds, gl.DataLoader(ds, batch_size=2)._view, batch_size=1,
+                                sampler=None, batch_sampler=None, collate_fn=None,
+                                max_tokens=512, pad_value=0, pad_to_multiple_of=1,
+                                packed=False, bucket_window=None)
+    fields = wiring.layout.buffer_fields()
+    source = LayoutSource(ds.source, wiring.layout)
+    stats = LoaderStats()
+    host = buffers.HostRing(fields, wiring.capacity, 3, pin=False)
+    ring = buffers.DeviceRing(fields, wiring.capacity, 3, torch.device("cpu"), cuda=FakeCuda())
+    slot_ptrs = {id(s): {k: t.data_ptr() for k, t in s.tensors.items()} for s in ring.slots}
+    res = FastResources(source=source, fields=fields, index_map=None, pack=dict,
+                        pool=ReaderPool(source, 2, stats), stats=stats,
+                        sizing=SizeController(512), prefetch_depth=1,
+                        device=torch.device("cpu"), host_ring=host, device_ring=ring,
+                        layout=wiring.layout, tokens=wiring.epochs)
+    order, ends = wiring.epochs.plan("shuffle", seed=0, epoch=0, rank=0, world_size=1,
+                                     drop_last=False, block_length=1)
+    it = FastEpochIterator(res, 0, order, 0, sort=True, drop_last=False, boundaries=ends,
+                           order_lengths=wiring.epochs.lengths[order])
+    seen = []
+    try:
+        for batch in it:
+            ptr = batch["tokens"].data_ptr()
+            assert any(ptr == p["tokens"] for p in slot_ptrs.values())  # a view of a slot
+            seen += check_padded({k: v.clone() for k, v in batch.items()}, values, offsets)
+    finally:
+        res.pool.close()
+    assert sorted(seen) == list(range(len(lengths)))
+    assert {id(s): {k: t.data_ptr() for k, t in s.tensors.items()}
+            for s in ring.slots} == slot_ptrs  # nothing reallocated
