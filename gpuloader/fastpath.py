@@ -18,18 +18,18 @@ import torch
 
 from gpuloader.adaptive import AdaptiveBatch
 from gpuloader.buffers import (DeviceRing, DeviceSlot, HostRing, HostSlot, Rows, allocate,
-                               numpy_views, ring_slots, row_views)
+                               ring_slots, row_views)
 from gpuloader.epoch import EpochCursor
 from gpuloader.errors import add_note
+from gpuloader.padding import LayoutSource, RaggedLayout
 from gpuloader.planning import FreeMemory
 from gpuloader.processes import ProcessReaderPool, needs_processes
 from gpuloader.readers import Pool, ReaderPool, ReadJob, describe_indices
 from gpuloader.readahead import Readahead
 from gpuloader.sources.base import FieldSpec, Source
 from gpuloader.stats import LoaderStats
+from gpuloader.tokens import RaggedWiring, TokenEpochs
 from gpuloader.views import ArrayView
-from gpuloader.padding import LayoutSource, RaggedLayout
-from gpuloader.tokens import TokenEpochs
 
 _CPU = torch.device("cpu")
 #: Batches below this many bytes are read inline by the consumer (NOTE(inline-reads)).
@@ -265,15 +265,16 @@ class FastPath:
                  free: FreeMemory, budgeted: bool, device: Optional[torch.device],
                  prefetch_depth: int, reader_threads: int, num_workers: int, context: Any,
                  pin: bool, reuse_buffers: bool, collate: Optional[Callable[[Any], Any]],
-                 layout: Optional[RaggedLayout] = None, tokens: Optional[TokenEpochs] = None,
-                 ragged_capacity: Optional[Dict[str, int]] = None) -> None:
+                 ragged: Optional[RaggedWiring] = None) -> None:
         self.view, self.sizing, self.stats, self.free = view, sizing, stats, free
         self.budgeted, self.device, self.prefetch_depth = budgeted, device, prefetch_depth
         self.reader_threads, self.num_workers, self.context = reader_threads, num_workers, context
         self.pin, self.reuse_buffers, self.collate = pin, reuse_buffers, collate
         #: Ragged batches: their layout, token spans, and buffer rows per batch key, sized once
         #: for the token budget (NOTE(ragged-batch) in padding.py).
-        self.layout, self.tokens, self.ragged_capacity = layout, tokens, ragged_capacity
+        self.layout = ragged.layout if ragged is not None else None
+        self.tokens = ragged.epochs if ragged is not None else None
+        self.ragged_capacity = ragged.capacity if ragged is not None else None
         self.resources: Optional[FastResources] = None
 
     @property

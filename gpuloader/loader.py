@@ -236,9 +236,7 @@ class DataLoader(FrameworkHooks, tud.DataLoader[T_co]):
                 prefetch_depth=self.prefetch_depth, reader_threads=self.reader_threads,
                 num_workers=num_workers, context=self.multiprocessing_context,
                 pin=bool(self.pin_memory) and torch.cuda.is_available() and not cuda,
-                reuse_buffers=self.reuse_buffers, collate=collate_fn,
-                layout=self._ragged.layout if self._ragged else None, tokens=self._tokens,
-                ragged_capacity=self._ragged.capacity if self._ragged else None)
+                reuse_buffers=self.reuse_buffers, collate=collate_fn, ragged=self._ragged)
 
     def _make_order(self, order: Optional[str], shuffle: Optional[bool], seed: Optional[int],
                     generator: Optional[torch.Generator], distributed: bool) -> OrderSpec:
@@ -410,11 +408,7 @@ class DataLoader(FrameworkHooks, tud.DataLoader[T_co]):
         order, sort = self._order.positions(epoch)
         boundaries = order_lengths = None
         if self._tokens is not None:  # NOTE(token-plan) in tokens.py
-            if step is not None:
-                raise ArgumentError("accumulate() counts samples; it cannot be combined with "
-                                    "max_tokens, whose batches hold varying sample counts")
-            order, boundaries = self._tokens.plan_epoch(self._order, epoch)
-            order_lengths = self._tokens.lengths[order]
+            order, boundaries, order_lengths = self._tokens.epoch_spans(self._order, epoch, step)
         if step is not None:
             boundaries = np.arange(step, len(order) + step, step, dtype=np.int64)
         capacity = None

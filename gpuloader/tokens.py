@@ -22,6 +22,7 @@ import numpy as np
 
 from gpuloader.batching import (TokenBudget, boundaries, bucket, cut, default_bucket_window,
                                 shard_batches)
+from gpuloader.checks import int_at_least
 from gpuloader.errors import ArgumentError, ArgumentTypeError, describe
 from gpuloader.order import epoch_order
 from gpuloader.padding import RaggedLayout
@@ -32,12 +33,7 @@ from gpuloader.sources.ragged import ragged_names
 def _positive(name: str, value: object, *, allow_none: bool) -> Optional[int]:
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ArgumentTypeError(f"{name} must be a positive int{' or None' if allow_none else ''}"
-                                f", got {describe(value)}")
-    if value < 1:
-        raise ArgumentError(f"{name} must be a positive int, got {int(value)}")
-    return int(value)
+    return int_at_least(name, value, 1, f"a positive int{' or None' if allow_none else ''}")
 
 
 @dataclass(frozen=True)
@@ -152,6 +148,16 @@ class TokenEpochs:
         return self.plan(order.kind, seed=order.seed or 0, epoch=epoch, rank=order.world.rank,
                          world_size=order.world.world_size, drop_last=order.drop_last,
                          block_length=order.block_length)
+
+    def epoch_spans(self, order: Any, epoch: int,
+                    step: Optional[int]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(order, planned ends, planning lengths in that order)`` of ``epoch`` for an
+        EpochOrder; ``step`` (an accumulate step) is refused: it counts samples."""
+        if step is not None:
+            raise ArgumentError("accumulate() counts samples; it cannot be combined with "
+                                "max_tokens, whose batches hold varying sample counts")
+        positions, ends = self.plan_epoch(order, epoch)
+        return positions, ends, self.lengths[positions]
 
     def state_dict(self) -> dict:
         """``{"plan_tokens"}``: the budget this loader's epochs are planned with."""

@@ -191,7 +191,7 @@ def test_errors_name_the_option(data):
         gl.DataLoader(fixed, max_tokens=64)
     with pytest.raises(ValueError, match=r"packed=True needs"):
         gl.DataLoader(fixed, packed=True)
-    with pytest.raises(TypeError, match="max_tokens must be a positive int or None, got 1.5"):
+    with pytest.raises(TypeError, match="max_tokens must be a positive int or None, got float 1.5"):
         gl.DataLoader(ds, max_tokens=1.5)
     with pytest.raises(ValueError, match="pad_to_multiple_of must be a positive int, got 0"):
         gl.DataLoader(ds, max_tokens=8, pad_to_multiple_of=0)
