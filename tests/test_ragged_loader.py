@@ -139,6 +139,7 @@ def test_exactly_once_under_oom_break_and_resume(data, seed, order, budget, acti
     def make():
         return gl.DataLoader(ds, max_tokens=budget, order=order, seed=seed)
 
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     loader = make()
     it = iter(loader)
     delivered = []
@@ -150,7 +151,7 @@ def test_exactly_once_under_oom_break_and_resume(data, seed, order, budget, acti
             break
         ys = batch["y"].tolist()
         if action == "oom" and len(ys) > 1:
-            with loader.oom_guard() as guard:
+            with loader.oom_guard(optimizer) as guard:
                 raise torch.cuda.OutOfMemoryError("simulated")
             assert guard.failed and loader.max_tokens < last_budget
             last_budget = loader.max_tokens
@@ -210,8 +211,9 @@ def test_a_single_sample_that_does_not_fit_is_an_error(data):
     ds, *_ = data
     loader = gl.DataLoader(ds, max_tokens=1)  # every batch is one sample
     next(iter(loader))
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     with pytest.raises(torch.cuda.OutOfMemoryError) as info:
-        with loader.oom_guard():
+        with loader.oom_guard(optimizer):
             raise torch.cuda.OutOfMemoryError("simulated")
     assert "max_tokens cannot split it further" in "".join(getattr(info.value, "__notes__", []))
 
