@@ -10,7 +10,9 @@ token at position ``t < length`` only ever attends to positions ``<= t``, all re
 never reaches a real token, and attention runs with ``is_causal=True`` alone (the fused kernels'
 fast path) instead of a per-batch key-padding mask.  Outputs at padding positions are garbage
 and the loss leaves them out.  Packed batches need a block-diagonal causal mask (one block per
-sample) and positions that restart at each sample.
+sample) and positions that restart at each sample; the mask is a dense ``T x T`` boolean (and
+keeps SDPA off its fused causal kernels), so packing suits batches of a few thousand tokens --
+beyond that, padded batches from length buckets cost less.
 
 Losses are in nats (natural log, what ``torch.nn.functional.cross_entropy`` gives); so is
 ``unigram_entropy``.  Divide by ``math.log(2)`` for bits.

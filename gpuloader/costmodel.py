@@ -55,7 +55,7 @@ from typing import Deque, List, Optional, Sequence, Tuple
 import numpy as np
 
 from gpuloader.checks import int_at_least
-from gpuloader.errors import ArgumentError
+from gpuloader.errors import ArgumentError, describe
 
 __all__ = ["StepCost", "ShapeCostModel"]
 
@@ -214,6 +214,37 @@ class ShapeCostModel:
         self._failures.clear()
         self._fit = None
         self._stale = False
+
+    def state_dict(self) -> dict:
+        """Everything learned, as plain data (for checkpoints): the kept shapes with their
+        peaks and ages, the failures and the observation clock.  The options are not included:
+        a model built with the same options and ``load_state_dict`` plans identically."""
+        return {
+            "clock": self._clock,
+            "shapes": [[b, n, list(r.peaks), r.last_seen] for (b, n), r in self._shapes.items()],
+            "failures": [[f.batch, f.length, f.limit] for f in self._failures.values()],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` output (kept within this model's ``max_shapes``,
+        ``peaks_per_shape`` and ``max_failures``)."""
+        try:
+            clock = int(state["clock"])
+            shapes = [(int(b), int(n), [int(p) for p in peaks], int(seen))
+                      for b, n, peaks, seen in state["shapes"]]
+            failures = [(int(b), int(n), None if limit is None else int(limit))
+                        for b, n, limit in state["failures"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArgumentError(f"state must be ShapeCostModel.state_dict() output, got "
+                                f"{describe(state)} ({type(exc).__name__}: {exc})") from None
+        self.reset()
+        self._clock = clock
+        for batch, length, peaks, seen in shapes[-self.max_shapes:]:
+            self._shapes[(batch, length)] = _ShapeRecord(
+                deque(peaks, maxlen=self.peaks_per_shape), seen)
+        for batch, length, limit in failures[-self.max_failures:]:
+            self._failures[(batch, length)] = _Failure(batch, length, limit)
+        self._stale = True
 
     # ---------------------------------------------------------------- the cost
     @property

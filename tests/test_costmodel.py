@@ -167,6 +167,25 @@ def test_old_shapes_are_forgotten():
     assert model.learned is None and model.failures == []
 
 
+def test_state_dict_round_trip_plans_identically():
+    sim = SimulatedMemory(limit=1 << 40, fixed=3 * MiB, per_token=4096, per_token_length=16)
+    model = ShapeCostModel(token_bytes=5000)
+    record(model, sim, GRID + GRID[:4])
+    model.observe_oom(64, 2048, limit_bytes=GiB)
+    model.observe_oom(128, 4096)
+    restored = ShapeCostModel(token_bytes=5000)
+    restored.load_state_dict(model.state_dict())
+    assert restored.learned == model.learned and restored.failures == model.failures
+    for length in (1, 100, 2048, 5000):
+        assert restored.max_batch(length, GiB) == model.max_batch(length, GiB)
+    model.observe(4, 64, 10**6)  # the clocks agree too: the next observation ages alike
+    restored.observe(4, 64, 10**6)
+    assert restored.learned == model.learned
+    with pytest.raises(ArgumentError, match=r"state must be ShapeCostModel.state_dict\(\) "
+                                            r"output, got \{'clock': 1\} \(KeyError"):
+        restored.load_state_dict({"clock": 1})
+
+
 # ------------------------------------------------------------------------------ out of memory
 
 
@@ -226,6 +245,27 @@ def test_simulated_memory_raises_the_error_the_guard_recognises():
     assert sim.ooms == 1 and sim.history[-1] == (16, 20, 1000 + 16 * 600 + 500, False)
     assert sim.max_batch(20) == 15  # 1000 + 15 * 600 = 10_000
     assert sim.run(torch.zeros(3, 20), torch.tensor([5, 20, 1])) == 1000 + 3 * 600 + 500
+
+
+def test_simulated_memory_drives_oom_guard():
+    # The simulator as a test of oom_guard would use it: the step of a (B, 1) batch peaks at
+    # 1000 + 100 * B bytes, with room for 50 samples; batches of 128 shrink until they fit.
+    import gpuloader as gl
+
+    n = 1000
+    ds = gl.ArrayDataset(x=np.zeros((n, 4), dtype=np.float32), y=np.arange(n, dtype=np.int64))
+    sim = SimulatedMemory(limit=6000, fixed=1000, per_token=100)
+    seen: List[int] = []
+    model = torch.nn.Linear(4, 1)  # what the guard zeroes after a failed step
+    with gl.DataLoader(ds, batch_size=128, shuffle=True, seed=3) as loader:
+        for batch in loader:
+            with loader.oom_guard(model) as guard:
+                sim.run(batch["x"])
+            if not guard.failed:
+                seen.extend(batch["y"].tolist())
+    assert sorted(seen) == list(range(n))  # every sample exactly once
+    assert 1 <= sim.ooms <= 3  # 128 and 64 fail, 32 fits; growing back bisects towards 64
+    assert all(batch <= 50 for batch, _, _, ran in sim.history if ran)
 
 
 # ------------------------------------------------------------------------------ closed loop
