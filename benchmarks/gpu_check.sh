@@ -14,16 +14,21 @@ OUT="${OUT:-./gpu_out}"
 mkdir -p "$OUT"
 status=0
 
-# Editable install without build isolation (no network).  An old setuptools without PEP 660
-# falls back to `setup.py develop` through setup.py; if pip still fails, the checkout is used
-# through PYTHONPATH, which is all the tests and benchmarks need.
+# Editable install without build isolation (no network).  An old setuptools (no PEP 660, or no
+# `wheel` package) fails pip's PEP 517 route: then `setup.py develop`, which needs neither;
+# if that fails too, the checkout is used through PYTHONPATH, which is all the tests and
+# benchmarks need.
 echo "== install (pip install --no-deps --no-build-isolation -e .)"
 install="pip"
 if ! python3 -m pip install --no-deps --no-build-isolation -e . >"$OUT/pip.log" 2>&1; then
-  install="PYTHONPATH (pip install failed; see pip.log)"
-  echo "pip install failed (tail of $OUT/pip.log below); using the checkout via PYTHONPATH"
-  tail -n 3 "$OUT/pip.log"
+  install="setup.py develop (pip failed; see pip.log)"
+  if ! python3 setup.py develop --no-deps >>"$OUT/pip.log" 2>&1; then
+    install="PYTHONPATH (pip install failed; see pip.log)"
+    echo "pip install failed (tail of $OUT/pip.log below); using the checkout via PYTHONPATH"
+    tail -n 3 "$OUT/pip.log"
+  fi
 fi
+echo "installed by: $install"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if ! python3 -c "import gpuloader" 2>>"$OUT/pip.log"; then
   echo "gpuloader does not import (see $OUT/pip.log)"
