@@ -16,7 +16,7 @@ import numpy as np
 
 from gpuloader.checks import as_int, int_at_least
 from gpuloader.errors import ArgumentError
-from gpuloader.order import EpochOrder, shard_size
+from gpuloader.order import EpochOrder, resolve_seed, shard_size
 from gpuloader.world import World
 
 
@@ -165,6 +165,30 @@ class OrderSpec:
         self.block_length = block_length
         self.drop_last = drop_last
         self.sampler = sampler
+
+    @classmethod
+    def make(cls, order: Optional[str], *, shuffle: Optional[bool], seed: Optional[int],
+             generator: Any, world: World, dataset: Any, own: bool, block_length: int,
+             drop_last: bool, sampler: Any, batch_sampler: Any) -> "OrderSpec":
+        """A loader's order from its arguments.  The seed is drawn once per loader when
+        gpuloader makes the order (``own``: the fast path or distributed=True; or seed/order
+        given); otherwise torch's sampler (and its use of torch's RNG) is left alone: seed
+        None."""
+        kind = order or ("shuffle" if shuffle else "sequential")
+        drawn: Optional[int] = None
+        if own or seed is not None or order is not None:
+            # Only a random order of gpuloader's own draws a seed: sequential orders and user
+            # samplers do not depend on it, and drawing would shift torch's global RNG for the
+            # rest of the program (torch's DataLoader draws nothing at construction).
+            random_order = kind != "sequential" and sampler is None and batch_sampler is None
+            drawn = resolve_seed(seed, generator) if seed is not None or random_order else 0
+            if seed is None and world.use_collectives:
+                # Every rank must shard the same order, but a drawn seed comes from each rank's
+                # own RNG (often seeded per rank): agree on one (one collective, at construction).
+                drawn = world.min(drawn)
+        return cls(kind, drawn, world,
+                   length=lambda: len(dataset) if hasattr(dataset, "__len__") else None,
+                   block_length=block_length, drop_last=drop_last, sampler=sampler)
 
     def shard_len(self) -> int:
         """Samples this rank visits per epoch."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Deque, Dict, Optional
+from typing import Any, Callable, Deque, Dict, Iterator, Optional
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from gpuloader.adaptive import AdaptiveBatch
 from gpuloader.buffers import (DeviceRing, DeviceSlot, HostRing, HostSlot, Rows, allocate,
                                ring_slots, row_views)
 from gpuloader.epoch import EpochCursor
-from gpuloader.errors import add_note
+from gpuloader.errors import ArgumentError, add_note
 from gpuloader.padding import LayoutSource, RaggedLayout
 from gpuloader.planning import FreeMemory
 from gpuloader.processes import ProcessReaderPool, needs_processes
@@ -282,12 +282,27 @@ class FastPath:
         """The readers (None before the first epoch, and while reads are inline)."""
         return self.resources.pool if self.resources is not None else None
 
-    def epoch(self, epoch: int, order: np.ndarray, start: int, *, sort: bool, drop_last: bool,
-              boundaries: Optional[np.ndarray], capacity: Optional[int],
+    def epoch(self, epoch: int, order: Any, start: int, *, sort: bool, drop_last: bool,
+              step: Optional[int], batches: Optional[Iterator[Any]],
+              boundaries: Optional[np.ndarray] = None,
               order_lengths: Optional[np.ndarray] = None) -> FastEpochIterator:
-        """An iterator over ``epoch`` (see FastEpochIterator); ``capacity`` is the largest batch
-        of a user batch sampler (there is no live size then); ``order_lengths`` switches to
-        token-budget spans (NOTE(token-plan))."""
+        """An iterator over ``epoch``'s ``order`` from ``start`` (see FastEpochIterator).  With
+        ``step``, batches never straddle a multiple of it (``accumulate``).  ``batches`` is a
+        user batch sampler's iterator: its batches, in its order, replace ``order``.
+        ``boundaries`` and ``order_lengths`` are a token plan's spans (NOTE(token-plan))."""
+        if step is not None:
+            boundaries = np.arange(step, len(order) + step, step, dtype=np.int64)
+        capacity = None
+        if batches is not None:
+            spans = [np.asarray(list(b), dtype=np.int64) for b in batches]
+            order = np.concatenate(spans) if spans else np.empty(0, dtype=np.int64)
+            ends = np.cumsum([len(b) for b in spans])
+            boundaries = ends if boundaries is None else np.union1d(ends, boundaries)
+            sort = False
+            capacity = max((len(b) for b in spans), default=1)
+        if start > len(order):
+            raise ArgumentError(f"the loaded state's position {start} is beyond this epoch's "
+                                f"{len(order)} samples; was it saved with another dataset?")
         return FastEpochIterator(self._resources(capacity), epoch, order, start, sort=sort,
                                  drop_last=drop_last, boundaries=boundaries,
                                  order_lengths=order_lengths)

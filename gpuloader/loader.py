@@ -24,23 +24,22 @@ import os
 import threading
 from typing import Any, Callable, Dict, Iterator, Optional, TypeVar, Union
 
-import numpy as np
 import torch
 import torch.utils.data as tud
 
 from gpuloader import adaptive
 from gpuloader.adaptive import AdaptiveBatch, planned_size
 from gpuloader.allocator import StepMemory
+from gpuloader.arguments import BatchSize, check_batch_size, check_combination
 from gpuloader.buffers import ring_slots
-from gpuloader.checks import check_order, int_at_least
+from gpuloader.checks import int_at_least
 from gpuloader.devices import DeviceArg, resolve_device
-from gpuloader.epoch import EpochCursor, OrderSpec, EpochTracker
-from gpuloader.ecosystem import LIGHTNING_HINT, FrameworkHooks
+from gpuloader.epoch import EpochTracker, OrderSpec
+from gpuloader.ecosystem import FrameworkHooks
 from gpuloader.errors import ArgumentError, ArgumentTypeError, describe
 from gpuloader.fastpath import FastEpochIterator, FastPath
 from gpuloader.generic import (GenericEpochIterator, OrderSampler, SizedBatchSampler,
                                sample_nbytes_of)
-from gpuloader.order import resolve_seed
 from gpuloader.planning import CostModel, FreeMemory, SizerConfig, SizingOptions
 from gpuloader.probes import HostProbe, probe_for, validate_memory_budget
 from gpuloader.stats import LoaderStats
@@ -50,52 +49,7 @@ from gpuloader.views import ArrayView, array_view
 from gpuloader.world import World
 
 T_co = TypeVar("T_co", covariant=True)
-BatchSize = Union[int, str, None]
 STATE_VERSION = 3  # 2: orders computed per span (order.ORDER_VERSION 2); 3: nested by owner
-
-
-class _BatchSizeTypeError(ArgumentTypeError, ValueError):
-    """A batch_size of the wrong type: a TypeError as gpuloader's errors are, and the
-    ValueError torch's DataLoader raises for it, so ``except ValueError`` code keeps working."""
-
-
-def _check_batch_size(batch_size: object) -> BatchSize:
-    if batch_size is None or (isinstance(batch_size, str) and batch_size == "auto"):
-        return batch_size  # type: ignore[return-value]
-    # Each message starts with torch's own (BatchSampler's), which drop-in callers may match.
-    torch_message = ("batch_size should be a positive integer value, but got "
-                     f"batch_size={batch_size}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-        raise _BatchSizeTypeError(f'{torch_message}; batch_size must be a positive int, None, '
-                                  f'or "auto"; got {describe(batch_size)}')
-    if batch_size <= 0:
-        raise ArgumentError(f'{torch_message}; batch_size must be a positive int, None, or '
-                            f'"auto" (use batch_size=None to disable batching)')
-    return int(batch_size)
-
-
-def _check_combination(dataset: Any, auto: bool, shuffle: Optional[bool], sampler: Any,
-                       batch_sampler: Any, order: Optional[str], distributed: bool) -> None:
-    """Refuse gpuloader options that contradict each other or torch's."""
-    if auto and batch_sampler is not None:
-        raise ArgumentError('batch_size="auto" is mutually exclusive with batch_sampler; '
-                            "pass one or the other")
-    if auto and isinstance(dataset, tud.IterableDataset):
-        raise ArgumentError(f'batch_size="auto" needs a map-style dataset (it sizes batches '
-                            f"from a sample's bytes and the dataset's length); got the "
-                            f"IterableDataset {type(dataset).__name__}: pass an int batch_size")
-    if order is not None:
-        check_order(order)
-        if shuffle and order == "sequential":
-            raise ArgumentError('order="sequential" contradicts shuffle=True; pass '
-                                'order="shuffle" or "block", or shuffle=False')
-        if sampler is not None or batch_sampler is not None:
-            raise ArgumentError(f"order={order!r} is mutually exclusive with sampler/"
-                                "batch_sampler, which already define the order")
-    if distributed and (sampler is not None or batch_sampler is not None):
-        raise ArgumentError("distributed=True shards gpuloader's own order and is mutually "
-                            "exclusive with sampler/batch_sampler; pass a DistributedSampler "
-                            f"as sampler with distributed=False instead ({LIGHTNING_HINT})")
 
 
 def _replace_guarded(loader: tud.DataLoader, name: str, value: Any) -> None:
@@ -169,9 +123,9 @@ class DataLoader(FrameworkHooks, tud.DataLoader[T_co]):
                  reuse_buffers: bool = True, max_tokens: Optional[int] = None,
                  pad_value: Any = 0, pad_to_multiple_of: int = 1, packed: bool = False,
                  bucket_window: Optional[int] = None) -> None:
-        batch_size = _check_batch_size(batch_size)
+        batch_size = check_batch_size(batch_size)
         auto = batch_size == "auto"
-        _check_combination(dataset, auto, shuffle, sampler, batch_sampler, order, distributed)
+        check_combination(dataset, auto, shuffle, sampler, batch_sampler, order, distributed)
         super().__init__(dataset, 1 if auto else batch_size, shuffle, sampler, batch_sampler,
                          num_workers, collate_fn, pin_memory, drop_last, timeout, worker_init_fn,
                          multiprocessing_context, generator, prefetch_factor=prefetch_factor,
@@ -213,7 +167,11 @@ class DataLoader(FrameworkHooks, tud.DataLoader[T_co]):
             pad_value=pad_value, pad_to_multiple_of=pad_to_multiple_of, packed=packed,
             bucket_window=bucket_window)
         self._tokens = self._ragged.epochs if self._ragged is not None else None
-        self._order = self._make_order(order, shuffle, seed, generator, distributed)
+        self._order = OrderSpec.make(
+            order, shuffle=shuffle, seed=seed, generator=generator, world=self._world,
+            dataset=dataset, own=self._view is not None or distributed,
+            block_length=self._view.block_length if self._view is not None else 1,
+            drop_last=self.drop_last, sampler=sampler, batch_sampler=batch_sampler)
         if self._order.seed is not None and self._view is None and sampler is None and \
                 batch_sampler is None:
             _replace_guarded(self, "sampler", OrderSampler(self._order))
@@ -237,32 +195,6 @@ class DataLoader(FrameworkHooks, tud.DataLoader[T_co]):
                 num_workers=num_workers, context=self.multiprocessing_context,
                 pin=bool(self.pin_memory) and torch.cuda.is_available() and not cuda,
                 reuse_buffers=self.reuse_buffers, collate=collate_fn, ragged=self._ragged)
-
-    def _make_order(self, order: Optional[str], shuffle: Optional[bool], seed: Optional[int],
-                    generator: Optional[torch.Generator], distributed: bool) -> OrderSpec:
-        """The epochs' order.  Its seed is drawn once per loader when gpuloader makes the order
-        (the fast path, or any of seed/order/distributed given); the generic path otherwise
-        leaves torch's sampler (and its use of torch's RNG) untouched: seed None."""
-        kind = order or ("shuffle" if shuffle else "sequential")
-        own_order = self._view is not None or seed is not None or order is not None or \
-            distributed
-        user_order = self._user_sampler is not None or self._user_batch_sampler is not None
-        # Only a random order of gpuloader's own draws a seed: sequential orders and user
-        # samplers do not depend on it, and drawing would shift torch's global RNG for the rest
-        # of the program (torch's DataLoader draws nothing at construction).
-        drawn: Optional[int] = None
-        if own_order:
-            random_order = kind != "sequential" and not user_order
-            drawn = resolve_seed(seed, generator) if seed is not None or random_order else 0
-        if seed is None and drawn is not None and self._world.use_collectives:
-            # Every rank must shard the same order, but a drawn seed comes from each rank's own
-            # RNG (often seeded per rank): agree on one (a single collective, at construction).
-            drawn = self._world.min(drawn)
-        dataset = self.dataset
-        return OrderSpec(kind, drawn, self._world,
-                          length=lambda: len(dataset) if hasattr(dataset, "__len__") else None,
-                          block_length=self._view.block_length if self._view is not None else 1,
-                          drop_last=self.drop_last, sampler=self._user_sampler)
 
     def _make_sizing(self, batch_size: BatchSize,
                      options: SizingOptions) -> Optional[AdaptiveBatch]:
@@ -402,30 +334,17 @@ class DataLoader(FrameworkHooks, tud.DataLoader[T_co]):
     def _fast_iterator(self, epoch: int, start: int, step: Optional[int]) -> FastEpochIterator:
         # torch calls iter(batch_sampler) before it draws its base seed, and iterates a sampler
         # (through its lazy BatchSampler) after: keep that order of RNG use.
-        batch_iter = iter(self._user_batch_sampler) if self._user_batch_sampler is not None \
+        batches = iter(self._user_batch_sampler) if self._user_batch_sampler is not None \
             else None
         self._draw_torch_base_seed()
         order, sort = self._order.positions(epoch)
         boundaries = order_lengths = None
         if self._tokens is not None:  # NOTE(token-plan) in tokens.py
             order, boundaries, order_lengths = self._tokens.epoch_spans(self._order, epoch, step)
-        if step is not None:
-            boundaries = np.arange(step, len(order) + step, step, dtype=np.int64)
-        capacity = None
-        if batch_iter is not None:
-            batches = [np.asarray(list(b), dtype=np.int64) for b in batch_iter]
-            order = np.concatenate(batches) if batches else np.empty(0, dtype=np.int64)
-            ends = np.cumsum([len(b) for b in batches])
-            boundaries = ends if boundaries is None else np.union1d(ends, boundaries)
-            sort = False
-            capacity = max((len(b) for b in batches), default=1)
-        if start > len(order):
-            raise ArgumentError(f"the loaded state's position {start} is beyond this epoch's "
-                                f"{len(order)} samples; was it saved with another dataset?")
         assert self._fast is not None
-        return self._fast.epoch(epoch, order, start, sort=sort, boundaries=boundaries,
-                                drop_last=self.drop_last and self._user_batch_sampler is None,
-                                capacity=capacity, order_lengths=order_lengths)
+        return self._fast.epoch(epoch, order, start, sort=sort, step=step, batches=batches,
+                                drop_last=self.drop_last and batches is None,
+                                boundaries=boundaries, order_lengths=order_lengths)
 
     # ------------------------------------------------------------------ torch API
     def __len__(self) -> int:

@@ -84,6 +84,9 @@ class FakeEvent:
     def synchronize(self) -> None:
         pass
 
+    def query(self) -> bool:  # like synchronize(): the fake's copies are done at once
+        return True
+
 
 class FakeCuda:
     """Just the torch.cuda names DeviceRing uses."""
