@@ -166,3 +166,38 @@ def test_bad_batches_are_refused_with_the_shapes():
         model(random_tokens(6))
     with pytest.raises(ArgumentError, match=r"reduction must be 'mean', 'sum' or 'none'"):
         next_token_loss(torch.zeros(1, 2, 256), torch.zeros(1, 2), reduction="avg")
+
+
+def _step_peak(model: ByteLM, batch: int, length: int) -> int:
+    """Bytes one training step on a ``(batch, length)`` batch needs beyond what was allocated
+    before it (gradients included: they are set to None before each step)."""
+    device = torch.device("cuda")
+    model.zero_grad(set_to_none=True)
+    tokens = torch.randint(0, 256, (batch, length), device=device, dtype=torch.uint8)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    next_token_loss(model(tokens), tokens).backward()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_step_peaks_follow_the_shape_cost_model():
+    from gpuloader.costmodel import ShapeCostModel
+
+    torch.manual_seed(0)
+    model = ByteLM(d_model=256, layers=4, heads=4).cuda()
+    _step_peak(model, 2, 64)  # warm-up: kernels and workspaces of the first step
+    cost = ShapeCostModel()
+    for batch, length in [(b, n) for n in (128, 512, 2048) for b in (1, 4, 16)]:
+        cost.observe(batch, length, _step_peak(model, batch, length))
+    for batch, length in ((8, 1024), (2, 3072), (32, 256)):  # shapes it has not seen
+        measured = _step_peak(model, batch, length)
+        assert cost.predict(batch, length) == pytest.approx(measured, rel=0.25), \
+            (batch, length, cost.learned)
+    budget = 2 << 30
+    for length in (256, 1024, 3072):  # planned batches fit the budget they were planned for
+        size = cost.max_batch(length, budget)
+        assert size >= 1 and _step_peak(model, size, length) <= budget * 1.1
