@@ -114,3 +114,18 @@ def test_bench_ragged_writes_json(tmp_path, capsys):
         assert set(res["tokens_per_s"]) == {"gpuloader", "torch w=0"}
         assert 0 < res["padding_efficiency"]["fixed_random"] <= 1
         assert res["resume_seconds"] > 0
+
+
+def test_readme_variable_length_example_runs_as_written(tmp_path, monkeypatch, capsys):
+    import sysconfig
+
+    from test_ecosystem import readme_block, run_python
+
+    monkeypatch.chdir(tmp_path)
+    stdlib = sysconfig.get_paths()["stdlib"]
+    assert run(capsys, "convert", stdlib, "stdlib_tokens.bin", "--glob", "*.py")[0] == 0
+    code, out, _ = run(capsys, "inspect", "stdlib_tokens", "--max-tokens", "16384")
+    assert code == 0 and "padding efficiency" in out
+    done = run_python(readme_block("## Variable-length data"), tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "tokens_lengths" in done.stdout
