@@ -11,6 +11,8 @@ arguments, picks the path and wires the stages: the live size is AdaptiveBatch's
 Batch lifetime: batches on the CPU are the caller's to keep.  Batches on a CUDA device are views
 of staging slots and stay valid until ``prefetch_depth + 1`` more batches have been drawn
 (NOTE(slot-lifetime) in buffers.py); ``reuse_buffers=False`` gives fresh tensors instead.
+Use them on the stream current when they were drawn, or ``record_stream`` another stream
+(NOTE(stream-rule) in streams.py).
 
 NOTE(no-cycles): nothing a loader owns refers back to it — not its samplers, sizing, packers or
 epoch tracker — so ``del loader`` frees it (and stops its reader threads and worker processes)
