@@ -9,10 +9,20 @@ buffer — one memcpy, small next to decompression.  The pool follows readers.Po
 NOTE(process-slots): a job owns its slot from ``submit`` until ``result`` has copied it out, so at
 most ``slots`` jobs are in flight; the fast path keeps ``prefetch_depth + 1`` in flight and the
 loader gives the pool ``buffers.ring_slots(prefetch_depth)`` slots.
+
+NOTE(pool-renewal): a pool belongs to the process that started it.  In a process forked from it
+(a loader used in ``os.fork()``'s child, or in a forked worker of some other library) the
+workers, queues and shared-memory slots are the parent's: the child never touches them -- not
+even in ``close()`` -- and its first ``submit`` raises a RuntimeError saying so.  (Starting
+workers of its own is not possible there: torch's ``share_memory_`` hangs in a process forked
+from one that already shared memory.)  A worker that died (killed, out of memory) fails
+the epoch it was serving with a clear error; the next ``submit`` with no job in flight -- the next epoch -- stops the survivors and starts a
+fresh set, as torch starts fresh workers for each epoch.
 """
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import pickle
 import queue
 import time
@@ -90,30 +100,70 @@ class ProcessReaderPool:
         ctx = context if context is not None else mp.get_context()
         if isinstance(ctx, str):
             ctx = mp.get_context(ctx)
+        self._ctx = ctx
+        self._source = source
+        self._fields = fields
         self._stats = stats
         self.capacity = capacity
-        self._slots = [allocate(fields, capacity, device=torch.device("cpu")) for _ in
-                       range(slots)]
+        self._slot_count = slots
+        self._processes = max(1, processes)
+        self._closed = False
+        self._start()
+
+    def _start(self) -> None:
+        """Allocate slots and queues and start the workers (NOTE(pool-renewal))."""
+        self._owner = os.getpid()
+        self._slots = [allocate(self._fields, self.capacity, device=torch.device("cpu"))
+                       for _ in range(self._slot_count)]
         for slot in self._slots:
             for t in slot.values():
                 t.share_memory_()
-        self._free = list(range(slots))
-        self._jobs: Any = ctx.Queue()
-        self._done_q: Any = ctx.Queue()
+        self._free = list(range(self._slot_count))
+        self._jobs: Any = self._ctx.Queue()
+        self._done_q: Any = self._ctx.Queue()
         self._waiting: Dict[int, Tuple[ReadJob, int]] = {}
         self._done: Dict[int, Tuple[Optional[BaseException], float]] = {}
         self._filled: Set[int] = set()  # finished jobs already copied out of their slots
-        self._shared: List[Any] = [source, self._slots, self._jobs, self._done_q]
-        self._procs = [ctx.Process(target=_serve, name=f"gpuloader-reader-proc-{i}",
-                                   args=(self._shared,), daemon=True)
-                       for i in range(max(1, processes))]
+        self._shared: List[Any] = [self._source, self._slots, self._jobs, self._done_q]
+        self._procs = [self._ctx.Process(target=_serve, name=f"gpuloader-reader-proc-{i}",
+                                         args=(self._shared,), daemon=True)
+                       for i in range(self._processes)]
         for p in self._procs:
             p.start()
-        self._closed = False
+
+    @property
+    def _foreign(self) -> bool:
+        """True in a process forked from the one that started the workers."""
+        return os.getpid() != self._owner
+
+    def _forget(self) -> None:
+        """Drop a forked parent's workers, queues and slots without touching them."""
+        self._procs, self._shared, self._slots = [], [], []
+        self._jobs = self._done_q = None
+        self._waiting, self._done, self._filled = {}, {}, set()
+
+    def _renew_if_needed(self) -> None:
+        """NOTE(pool-renewal): own workers in a forked child; fresh ones after one died."""
+        if self._foreign:
+            owner = self._owner
+            self._forget()
+            raise RuntimeError(
+                f"gpuloader: this DataLoader's reader processes belong to process {owner}, "
+                f"and this process ({os.getpid()}) was forked from it; a forked child cannot "
+                "read through them (nor start its own: torch's shared memory does not work "
+                "after such a fork).  Iterate the loader in the parent only, or start the "
+                "child with the 'spawn' multiprocessing context and build a loader there")
+        if not self._waiting and any(not p.is_alive() for p in self._procs):
+            self._stop_workers()
+            self._start()
 
     def submit(self, job: ReadJob) -> None:
-        """Queue ``job`` into a free slot (see NOTE(process-slots)).  Its ``before`` runs only
-        when the rows are copied out into its buffer (NOTE(no-gpu-wait-on-draw) in readers.py)."""
+        """Queue ``job`` into a free slot (see NOTE(process-slots) and NOTE(pool-renewal))."""
+        if self._closed:
+            raise RuntimeError("gpuloader: submit() on a closed reader-process pool")
+        self._renew_if_needed()
+        if job.before is not None:
+            job.before()
         slot = self._free.pop()
         self._waiting[job.seq] = (job, slot)
         self._jobs.put((job.seq, slot, job.indices))
@@ -133,12 +183,9 @@ class ProcessReaderPool:
     def done(self, seq: int) -> bool:
         """True when job ``seq`` has finished *and its rows are in the job's buffers*, as with
         ReaderPool: the fast path starts the device copy out of them on this signal.  Never
-        blocks: while the job's buffer still feeds a device copy, it is not done yet (the copy
-        out of the slot happens here, once)."""
+        blocks (the copy out of the slot happens here, once)."""
         self._collect(block=False)
         if seq not in self._done:
-            return False
-        if seq not in self._filled and not self._waiting[seq][0].is_ready():
             return False
         self._fill(seq)
         return True
@@ -149,8 +196,6 @@ class ProcessReaderPool:
             return
         error, _ = self._done[seq]
         job, slot = self._waiting[seq]
-        if job.before is not None:
-            job.before()  # the buffer's previous device copy must be over before we write it
         if error is None:
             rows = len(job.indices)
             for name, out in job.out.items():
@@ -182,6 +227,9 @@ class ProcessReaderPool:
         """Wait for every job in flight and forget their results.  A job held by a worker that
         died never comes back: once any worker is dead, stop waiting (the pool is broken;
         ``result`` reports it) rather than hang ``close()`` on the way out of the error."""
+        if self._foreign:  # the jobs in flight are the parent's (NOTE(pool-renewal))
+            self._forget()
+            return
         while self._waiting and not self._closed:
             seqs = list(self._waiting)
             for seq in seqs:
@@ -193,12 +241,20 @@ class ProcessReaderPool:
                 self._free.append(slot)
 
     def close(self) -> None:
-        """Stop the worker processes (joined; terminated if they do not exit in time)."""
+        """Stop the worker processes (joined; terminated if they do not exit in time).  In a
+        forked child, only forget the parent's (NOTE(pool-renewal))."""
         if self._closed:
             return
         self._closed = True
-        for _ in self._procs:
-            self._jobs.put(None)
+        if self._foreign:
+            self._forget()
+            return
+        self._stop_workers()
+
+    def _stop_workers(self) -> None:
+        for p in self._procs:
+            if p.is_alive():
+                self._jobs.put(None)
         for p in self._procs:
             p.join(_JOIN_S)
             if p.is_alive():
@@ -216,9 +272,10 @@ class ProcessReaderPool:
         # hold ``_shared`` among their args, so it is emptied in place.
         self._shared.clear()
         self._slots = []
+        self._procs = []
         self._jobs = self._done_q = None
 
     @property
     def alive(self) -> bool:
         """True while any worker process runs."""
-        return not self._closed and any(p.is_alive() for p in self._procs)
+        return not self._closed and not self._foreign and any(p.is_alive() for p in self._procs)

@@ -189,3 +189,72 @@ def test_a_killed_reader_process_is_reported_and_drain_does_not_hang(gzip_file, 
     finally:
         pool.close()
     assert reader_processes() == []
+
+
+def test_next_epoch_starts_fresh_reader_processes_after_one_was_killed(gzip_file):
+    """As torch does: the epoch a worker died in fails clearly; the next one starts fresh
+    workers and delivers every row once (NOTE(pool-renewal))."""
+    expected = np.arange(N * 64, dtype=np.float32).reshape(N, 64)
+    with gl.DataLoader(gl.open_dataset(gzip_file), batch_size=256, num_workers=1,
+                       shuffle=True, seed=3) as loader:
+        with pytest.raises(RuntimeError, match="exited unexpectedly"):
+            for i, _ in enumerate(loader):
+                if i == 0:
+                    (proc,) = reader_processes()
+                    proc.kill()
+                    proc.join()
+        for epoch in range(2):
+            seen = []
+            for batch in loader:
+                np.testing.assert_array_equal(batch["x"].numpy(), expected[batch["y"].numpy()])
+                seen.extend(batch["y"].tolist())
+            assert sorted(seen) == list(range(N)), epoch
+        assert len(reader_processes()) == 1
+    assert reader_processes() == []
+
+
+def _epoch_check(loader, expected) -> str:
+    """'' when one epoch delivers every row once with x matching y, else what went wrong."""
+    seen = []
+    for batch in loader:
+        ys = batch["y"].numpy()
+        if not np.array_equal(batch["x"].numpy(), expected[ys]):
+            return f"x does not match y for rows {ys[:5]}"
+        seen.extend(ys.tolist())
+    if sorted(seen) != list(range(len(expected))):
+        return f"{len(seen)} rows delivered, {len(set(seen))} distinct, for {len(expected)}"
+    return ""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_gets_a_clear_error_and_never_touches_the_parents_readers(
+        gzip_file, tmp_path):
+    """The child tries the loader it inherited while the parent keeps iterating: the child
+    gets a clear error, the parent's epochs stay exact (NOTE(pool-renewal))."""
+    expected = np.arange(N * 64, dtype=np.float32).reshape(N, 64)
+    report = tmp_path / "child.txt"
+    with gl.DataLoader(gl.open_dataset(gzip_file), batch_size=256, num_workers=2,
+                       shuffle=True, seed=4) as loader:
+        assert _epoch_check(loader, expected) == ""  # the parent's workers are running
+        pid = os.fork()
+        if pid == 0:  # the child: never return into pytest
+            try:
+                outcome = []
+                for _ in range(2):
+                    try:
+                        outcome.append(_epoch_check(loader, expected))
+                    except RuntimeError as exc:
+                        outcome.append(str(exc))
+                loader.close()
+                report.write_text(repr(outcome))
+            except BaseException as exc:  # report anything to the parent
+                report.write_text(f"{type(exc).__name__}: {exc}")
+            finally:
+                os._exit(0)
+        parent = [_epoch_check(loader, expected) for _ in range(3)]
+        os.waitpid(pid, 0)
+        assert parent == ["", "", ""]
+        child = eval(report.read_text())  # noqa: S307 - our own repr of a list of strings
+        assert len(child) == 2 and all("was forked from it" in text for text in child), child
+        assert len(reader_processes()) == 2  # the parent's own, still serving
+        assert _epoch_check(loader, expected) == ""
