@@ -127,6 +127,21 @@ def _select(fields: List[_Field], wanted: Optional[Sequence[str]], src: Path) ->
     return fields
 
 
+def _read_block(field: _Field, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of ``field``; an HDF5 read error names file, dataset and rows
+    (NOTE(hdf5-errors) in sources/hdf5.py)."""
+    try:
+        return np.ascontiguousarray(field.reader[start:stop], dtype=field.dtype)
+    except OSError as exc:
+        import h5py
+
+        if not isinstance(field.reader, h5py.Dataset):
+            raise
+        from gpuloader.sources.hdf5 import read_error
+
+        raise read_error(exc, field.reader, start, stop) from exc
+
+
 def _blocks(rows: int, block_rows: int) -> Iterator[Tuple[int, int]]:
     for start in range(0, rows, block_rows):
         yield start, min(rows, start + block_rows)
@@ -138,7 +153,7 @@ def _write_npy_field(field: _Field, path: Path, block_rows: int, bar: Any) -> No
     with open(path, "wb") as fh:
         np.lib.format.write_array_header_2_0(fh, header)
         for start, stop in _blocks(field.shape[0], block_rows):
-            block = np.ascontiguousarray(field.reader[start:stop], dtype=field.dtype)
+            block = _read_block(field, start, stop)
             fh.write(memoryview(block).cast("B"))
             bar.update(block.nbytes)
 
@@ -164,7 +179,7 @@ def _write_hdf5(fields: List[_Field], path: Path, chunk_rows: Optional[int],
             # whole chunks per write: a compressed chunk is then encoded once
             step = max(crows, block_rows - block_rows % crows)
             for start, stop in _blocks(rows, step):
-                block = np.ascontiguousarray(field.reader[start:stop], dtype=field.dtype)
+                block = _read_block(field, start, stop)
                 dset[start:stop] = block
                 bar.update(block.nbytes)
             chunks[field.name] = chunk_shape

@@ -13,6 +13,7 @@ must be picklable and must (re)open OS handles lazily in whichever process reads
 """
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 from dataclasses import dataclass
@@ -348,3 +349,35 @@ def select_fields(available: Sequence[str], fields: Optional[Sequence[str]],
         raise FieldNotFoundError(
             f"{what}: no field {missing[0]!r}; available fields: {list(available)}")
     return names
+
+
+def _mapped_size(arr: np.ndarray) -> Optional[int]:
+    """Current size in bytes of the file mapped under ``arr`` (fstat of the mapped file itself,
+    so a file replaced by rename does not count); None when ``arr`` is not a file map."""
+    obj: object = arr
+    while obj is not None:
+        if isinstance(obj, mmap.mmap):
+            try:
+                return obj.size()
+            except (OSError, ValueError):  # closed map or unsupported: nothing to check
+                return None
+        obj = getattr(obj, "base", None)
+    return None
+
+
+def check_mapped_size(path: str, arr: np.ndarray, needed: int) -> None:
+    """NOTE(shrunk-files): SourceError naming ``path`` when the file mapped under ``arr`` is
+    now shorter than the ``needed`` bytes the map covers.
+
+    Touching a mapped page past a file's end kills the process with SIGBUS, which no Python
+    code can catch.  Sources call this before each read of a map, so a file truncated or
+    rewritten in place between reads is reported instead.  What cannot be caught: a file that
+    shrinks *during* a read (between this check and the copy) still raises SIGBUS.
+    """
+    size = _mapped_size(arr)
+    if size is not None and size < needed:
+        raise SourceError(
+            f"{path}: the file shrank to {size:,} bytes while gpuloader had it mapped "
+            f"({needed:,} bytes expected); reading past its end would kill the process with "
+            "SIGBUS. Was it truncated or rewritten in place? Restore it (write new data to a "
+            "new file and rename it over the old one), then open the dataset again")

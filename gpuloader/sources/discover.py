@@ -17,7 +17,7 @@ import numpy as np
 from gpuloader.errors import ArgumentError, SourceError
 from gpuloader.sources.base import Source, select_fields
 from gpuloader.sources.binidx import is_binidx, open_binidx
-from gpuloader.sources.hdf5 import Hdf5Source, is_hdf5_file
+from gpuloader.sources.hdf5 import Hdf5Source, is_hdf5_file, metadata_errors
 from gpuloader.sources.npy import NpySource, npy_file
 from gpuloader.sources.ragged import (Column, RaggedSource, SpanColumn, VlenColumn,
                                       check_offsets, find_npy_pairs)
@@ -96,7 +96,7 @@ def _open_hdf5(path: Path, fields: Optional[Sequence[str]]) -> Source:
     fixed_keys: List[str] = []
     groups: List[str] = []
     vlen: List[str] = []
-    with h5py.File(path, "r") as h5:
+    with metadata_errors(os.fspath(path)), h5py.File(path, "r") as h5:
         keys = list(h5.keys()) if fields is None else [str(f).lstrip("/") for f in fields]
         for key in keys:
             obj = h5.get(key)

@@ -18,20 +18,29 @@ for the bytes of a range of rows (readahead.py).
 NOTE(hdf5-handles): only the path and per-field facts are pickled.  Each process opens the
 file (and maps it) on first read and keeps one handle for all its threads; ``close()`` closes
 this process's handle.  h5py serialises its own calls, the memmap paths need no lock.
+
+NOTE(hdf5-errors): h5py's own errors name neither the file nor the dataset.  Metadata errors
+(``metadata_errors``), read errors (``read_error``: file, dataset, rows) and external raw files
+that are missing (checked when the dataset opens) become errors that name them and say what to
+check.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
+from typing import (Any, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple,
+                    Union)
 
 import h5py
 import numpy as np
 
-from gpuloader.errors import ArgumentError, FieldNotFoundError, SourceError, SourceNotFoundError
+from gpuloader.errors import (ArgumentError, FieldNotFoundError, GpuLoaderError, SourceError,
+                              SourceNotFoundError)
 from gpuloader.sources.base import (FieldSpec, ProcessLocal, RowPlan, StorageInfo, ThreadScratch,
-                                    check_field_names, check_lengths, check_out, native_dtype,
+                                    check_field_names, check_lengths, check_mapped_size,
+                                    check_out, native_dtype,
                                     rows_per_block)
 from gpuloader.sources.pread import RowFile
 
@@ -194,8 +203,11 @@ class Hdf5Source:
                 f"{self.path!r} is not an HDF5 file (no HDF5 signature); expected a file "
                 f"written by h5py / HDF5, a .npy file, or raw binary with dtype=")
         with _open_file(self.path) as h5:
-            keys = _resolve(h5, fields, self.path)
-            plans = {name: _plan_field(h5[key], key) for name, key in keys.items()}
+            with metadata_errors(self.path):
+                keys = _resolve(h5, fields, self.path)
+                plans = {name: _plan_field(h5[key], key) for name, key in keys.items()}
+                for key in keys.values():
+                    _check_external(h5[key], self.path)
         self._plans = plans
         self._length = check_lengths({n: p.shape[0] for n, p in plans.items()},
                                      f"HDF5 file {self.path!r}")
@@ -262,6 +274,8 @@ class Hdf5Source:
         if len(plan.indices) == 0:
             return
         opened = self._handles.get(self._open)
+        for filename, filemap in opened.files.maps.items():  # NOTE(shrunk-files) in base.py
+            check_mapped_size(filename, filemap, filemap.size)
         for name, reader in opened.readers.items():
             reader.read(plan, out[name], self._scratch, name)
 
@@ -356,6 +370,46 @@ class _Files:
             rows.close()
         self.rows.clear()
         self.maps.clear()
+
+
+@contextlib.contextmanager
+def metadata_errors(path: str) -> Iterator[None]:
+    """NOTE(hdf5-errors): h5py's errors while reading a file's metadata (``RuntimeError: Unable
+    to get group info (bad symbol table node signature)``, ...) name no file; re-raise them as
+    a SourceError naming the file and what to check.  gpuloader's own errors pass through."""
+    try:
+        yield
+    except (RuntimeError, OSError, KeyError) as exc:
+        if isinstance(exc, GpuLoaderError):
+            raise
+        raise SourceError(
+            f"{path}: cannot read the HDF5 metadata (groups, datasets, their types and "
+            f"layouts): {type(exc).__name__}: {exc}. The file may be corrupt or truncated; "
+            "check it with `h5ls -r` / `h5dump -H`, or re-create it") from exc
+
+
+def _check_external(dset: h5py.Dataset, path: str) -> None:
+    """NOTE(hdf5-errors): a dataset stored in external raw files names a missing one when the
+    dataset opens, not with h5py's nameless error at the first batch."""
+    for name, _offset, _size in dset.external or ():
+        name = os.fsdecode(name)
+        here = os.path.dirname(os.path.abspath(path))
+        candidates = [name] if os.path.isabs(name) else [os.path.join(here, name), name]
+        if not any(os.path.exists(c) for c in candidates):
+            raise SourceNotFoundError(
+                f"dataset {dset.name.lstrip('/')!r} of {path} stores its data in the external "
+                f"file {name}, which is missing (looked in {', '.join(candidates)}); restore "
+                "it beside the HDF5 file or where the dataset says")
+
+
+def read_error(exc: BaseException, dset: h5py.Dataset, lo: int, hi: int) -> SourceError:
+    """NOTE(hdf5-errors): h5py's read errors name neither file nor dataset; say both, the rows,
+    and what to check."""
+    return SourceError(
+        f"reading dataset {dset.name.lstrip('/')!r} of {dset.file.filename}, rows {lo}..{hi}, "
+        f"failed: {type(exc).__name__}: {exc}. A compressed chunk may be corrupt, the file "
+        "truncated, or an external raw file missing; check it with `h5dump -d "
+        f"{dset.name} {dset.file.filename}`")
 
 
 def _open_file(path: str, cache: Optional[Tuple[int, int]] = None) -> h5py.File:
@@ -573,7 +627,7 @@ class _SlabReader:
             self._flush(pending, out)
             pending = None
             buf = scratch.get(key, (hi - lo, *self.plan.shape[1:]), out.dtype)
-            self.dset.read_direct(buf, source_sel=np.s_[lo:hi])
+            self._read(buf, lo, hi)
             local = idx[a:b] - lo
             if order is None:
                 np.take(buf, local, axis=0, out=out[a:b], mode="clip")
@@ -584,4 +638,10 @@ class _SlabReader:
     def _flush(self, pending: Optional[List[int]], out: np.ndarray) -> None:
         if pending is not None:
             a, lo, hi = pending
-            self.dset.read_direct(out[a:a + hi - lo], source_sel=np.s_[lo:hi])
+            self._read(out[a:a + hi - lo], lo, hi)
+
+    def _read(self, dest: np.ndarray, lo: int, hi: int) -> None:
+        try:
+            self.dset.read_direct(dest, source_sel=np.s_[lo:hi])
+        except OSError as exc:
+            raise read_error(exc, self.dset, lo, hi) from exc

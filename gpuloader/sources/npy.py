@@ -18,7 +18,8 @@ import numpy as np
 from gpuloader.errors import (ArgumentError, ArgumentTypeError, SourceError, SourceNotFoundError,
                               describe)
 from gpuloader.sources.base import (FieldSpec, ProcessLocal, RowPlan, StorageInfo, check_lengths,
-                                    check_out, native_dtype, rows_per_block, select_fields)
+                                    check_mapped_size, check_out, native_dtype, rows_per_block,
+                                    select_fields)
 from gpuloader.sources.pread import RowFile
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -252,6 +253,8 @@ class NpySource:
         maps = self._maps.get(self._open)
         rows = self._rows.get(self._open_rows)
         for name, arr in maps.items():
+            flat = self._files[name]
+            check_mapped_size(flat.path, arr, flat.offset + arr.nbytes)  # NOTE(shrunk-files)
             cold = rows[name]
             if cold is None or not cold.read(self._offsets(name, plan.indices), out[name]):
                 plan.gather(arr, out[name])
