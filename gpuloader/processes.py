@@ -16,8 +16,9 @@ workers, queues and shared-memory slots are the parent's: the child never touche
 even in ``close()`` -- and its first ``submit`` raises a RuntimeError saying so.  (Starting
 workers of its own is not possible there: torch's ``share_memory_`` hangs in a process forked
 from one that already shared memory.)  A worker that died (killed, out of memory) fails
-the epoch it was serving with a clear error; the next ``submit`` with no job in flight -- the next epoch -- stops the survivors and starts a
-fresh set, as torch starts fresh workers for each epoch.
+the epoch it was serving with a clear error; the next ``submit`` with no job in flight -- the
+next epoch -- stops the survivors and starts a fresh set, as torch starts fresh workers for
+each epoch.
 """
 from __future__ import annotations
 
