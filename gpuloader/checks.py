@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import operator
-from typing import Optional
+from typing import Iterable, Optional
 
 import numpy as np
 import torch
@@ -112,3 +112,40 @@ def cuda_ordinal(target: torch.device, original: object, *,
         raise DeviceError(f"device={describe(original)} does not exist: this process sees "
                           f"{count} CUDA device(s), cuda:0 to cuda:{count - 1}")
     return index
+
+
+#: Batches the fast path may read ahead; each holds a whole batch in host (and device) memory.
+MAX_PREFETCH_DEPTH = 64
+
+
+def check_loader_options(*, num_workers: object, prefetch_depth: object,
+                         reuse_buffers: object) -> None:
+    """The DataLoader options torch leaves unchecked or gpuloader adds (issue 15's list):
+    a float ``num_workers``, a ring of ``prefetch_depth`` batches that no memory holds, a
+    ``reuse_buffers`` that is not a bool."""
+    if isinstance(num_workers, bool) or not isinstance(num_workers, (int, np.integer)):
+        raise ArgumentTypeError(f"num_workers option should be an int >= 0; got "
+                                f"{describe(num_workers)}; use num_workers=0 to disable "
+                                "multiprocessing")
+    if isinstance(prefetch_depth, bool) or not isinstance(prefetch_depth, (int, np.integer)):
+        raise ArgumentTypeError(f"prefetch_depth must be an int in 0..{MAX_PREFETCH_DEPTH}, got "
+                                f"{describe(prefetch_depth)}")
+    if not 0 <= prefetch_depth <= MAX_PREFETCH_DEPTH:
+        raise ArgumentError(f"prefetch_depth must be an int in 0..{MAX_PREFETCH_DEPTH} (batches "
+                            f"read ahead, each held in memory), got {prefetch_depth}")
+    if not isinstance(reuse_buffers, (bool, np.bool_)):
+        raise ArgumentTypeError(f"reuse_buffers must be True or False, got "
+                                f"{describe(reuse_buffers)}")
+
+
+def index_array(values: Iterable[object], what: str) -> np.ndarray:
+    """Sample indices from a user's sampler or batch as int64; TypeError naming ``what`` for
+    anything but integers (torch fails on them too; truncating 1.7 to 1 would be silent)."""
+    out = []
+    for value in values:
+        try:
+            out.append(operator.index(value))  # type: ignore[arg-type]
+        except TypeError:
+            raise ArgumentTypeError(f"{what} yielded {describe(value)}; samplers must yield "
+                                    "int dataset indices") from None
+    return np.asarray(out, dtype=np.int64)

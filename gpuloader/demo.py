@@ -227,6 +227,7 @@ class _Result:
     elapsed_s: float = 0.0
     wait_s: float = 0.0
     batch_sizes: Tuple[int, ...] = ()
+    path: str = "-"  # gpuloader's "fast" or "generic" path (NOTE(paths) in loader.py)
     first_loss: float = float("nan")
     last_loss: float = float("nan")
     partial: bool = False
@@ -310,6 +311,7 @@ def _run_gpuloader(data: DemoData, fmt: str, args: argparse.Namespace,
         loader.close()
         ds.close()
     result.batch_sizes = tuple(sizes)
+    result.path = loader.path
     result.first_loss, result.last_loss = _loss_window(losses)
     return result, loader
 
@@ -398,6 +400,7 @@ def summary(results: List[_Result], epochs: int = 1, max_batch_size: Optional[in
         row("batch sizes", lambda r: ", ".join(str(s) for s in r.batch_sizes)
             + (f" (auto{bound})" if r is results[0] else " (fixed)")),
         row("stall fraction", lambda r: f"{100 * r.stall:.1f}%"),
+        row("gpuloader path", lambda r: r.path),
         row("samples trained", samples),
         row("time", lambda r: f"{r.elapsed_s:.1f} s"),
         row("loss first -> last", lambda r: f"{r.first_loss:.3f} -> {r.last_loss:.3f}"),

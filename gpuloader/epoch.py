@@ -9,12 +9,13 @@ which makes resume O(1): the order is recomputed from (seed, epoch, rank, world 
 """
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 
-from gpuloader.checks import as_int, int_at_least
+from gpuloader.checks import as_int, index_array, int_at_least
 from gpuloader.errors import ArgumentError
 from gpuloader.order import EpochOrder, resolve_seed, shard_size
 from gpuloader.world import World
@@ -28,8 +29,17 @@ class EpochCursor:
     dropped before the epoch ends (``EpochTracker`` keeps those numbers).  ``keep_alive`` holds
     the loader whose readers this epoch uses — never called, only held, so
     ``next(iter(DataLoader(...)))`` works as with torch (NOTE(no-cycles) in loader.py).
-    Subclasses implement ``__next__``, ``rewind`` and ``close``.
+    Subclasses implement ``_next``, ``rewind`` and ``close``.
+
+    NOTE(one-consumer): an epoch's iterator is consumed by one thread at a time; a ``next()``
+    while another thread is inside one raises ValueError, like torch's "generator already
+    executing", instead of handing both the same position (duplicated samples).
+    ``_workers`` and ``_pin_memory_thread`` mirror torch's iterator attributes that code in the
+    wild reads to check worker exit: the fast path has no worker processes of torch's to report.
     """
+
+    _workers: list = []
+    _pin_memory_thread: Optional[object] = None
 
     def __init__(self, epoch: int, start: int) -> None:
         self.epoch = epoch
@@ -39,9 +49,23 @@ class EpochCursor:
         self.last_length = 0
         self.on_abandon: Optional[Callable[[int, int, int, int], None]] = None
         self.keep_alive: object = None
+        self._busy = threading.Lock()
 
     def __iter__(self) -> "EpochCursor":
         return self
+
+    def __next__(self) -> Any:
+        if not self._busy.acquire(blocking=False):  # NOTE(one-consumer)
+            raise ValueError("generator already executing: one gpuloader iterator is being "
+                             "consumed from two threads at once; give each thread its own "
+                             "loader, or hand batches from one thread to the others")
+        try:
+            return self._next()
+        finally:
+            self._busy.release()
+
+    def _next(self) -> Any:
+        raise NotImplementedError
 
     def rewind(self, position: int) -> None:
         """Continue from ``position`` (<= the cursor), dropping what was read ahead."""
@@ -207,7 +231,7 @@ class OrderSpec:
         """(order of dataset positions, sort each batch by index?) for ``epoch`` on this rank:
         an O(1)-memory EpochOrder (order.py) of gpuloader's own, or a user sampler's array."""
         if self.sampler is not None:
-            return np.fromiter((int(i) for i in self.sampler), dtype=np.int64), False
+            return index_array(self.sampler, "sampler"), False
         order = EpochOrder(self.kind, self.shard_total(), seed=self.seed, epoch=epoch,
                            rank=self.world.rank, world_size=self.world.world_size,
                            block_length=self.block_length, drop_last=self.drop_last)

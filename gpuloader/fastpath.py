@@ -19,6 +19,7 @@ import torch
 from gpuloader.adaptive import AdaptiveBatch
 from gpuloader.buffers import (DeviceRing, DeviceSlot, HostRing, HostSlot, Rows, allocate,
                                ring_slots, row_views)
+from gpuloader.checks import index_array
 from gpuloader.epoch import EpochCursor
 from gpuloader.errors import ArgumentError, add_note
 from gpuloader.padding import LayoutSource, RaggedLayout
@@ -87,6 +88,7 @@ class _Pending:
     dslot: Optional[DeviceSlot] = None
     rows: Rows = 0                             # buffer rows used, per field for ragged batches
     shapes: Optional[Dict[str, tuple]] = None  # ragged batches: each key's shape
+    read: bool = False                         # the pool's result was collected (only once)
 
 
 class FastEpochIterator(EpochCursor):
@@ -158,15 +160,15 @@ class FastEpochIterator(EpochCursor):
                                 before=before, ready=ready))
         self._pending.append(entry)
 
-    def _fill(self) -> None:
-        while len(self._pending) < self.res.prefetch_depth + 1:
+    def _fill(self, extra: int = 0) -> None:
+        while len(self._pending) < self.res.prefetch_depth + 1 + extra:
             span = self._next_span(self._planned)
             if span is None:
                 return
             self._submit(*span)
             self._planned = span[0] + span[1]
 
-    def __next__(self) -> Any:
+    def _next(self) -> Any:
         if self.finished:
             raise StopIteration
         if self.res.inline:
@@ -177,21 +179,26 @@ class FastEpochIterator(EpochCursor):
             raise StopIteration
         entry = self._pending[0]
         started = time.perf_counter()
-        try:
-            self.res.pool.result(entry.seq)
-        except Exception:
-            self._pending.popleft()  # a failed read is consumed, as in torch
-            raise
-        # Popped only now: after an interrupt (KeyboardInterrupt) while waiting, the same
-        # iterator's next call still delivers this batch instead of skipping it.
-        self._pending.popleft()
+        if not entry.read:  # a call interrupted after this point collected it already
+            try:
+                self.res.pool.result(entry.seq)
+            except Exception:
+                self._pending.popleft()  # a failed read is consumed, as in torch
+                raise
+            entry.read = True
         waited = time.perf_counter() - started
         tensors = self._to_device(entry) if self.res.device_ring is not None else entry.tensors
-        self.position = entry.start + entry.length
-        self.last_start, self.last_length = entry.start, entry.length
-        self._fill()
+        batch = self.res.pack(tensors)
+        self._fill(extra=1)  # the next read starts before this batch's step
+        # NOTE(atomic-delivery): everything that may take time or run user code (the device
+        # copy, collate, submitting read-ahead) happened above; a KeyboardInterrupt there leaves
+        # the batch pending, so the next call (or a resume from state_dict) delivers it.  Only
+        # the commit below, a few bytecodes, decides that the batch was delivered.
+        self._pending.popleft()
+        self.position, self.last_start, self.last_length = \
+            entry.start + entry.length, entry.start, entry.length
         self.res.stats.add_delivery(entry.length, _nbytes(tensors, entry, self.res), waited)
-        return self.res.pack(tensors)
+        return batch
 
     def _next_inline(self) -> Any:
         """NOTE(inline-reads): batches of a few KB cost less to gather here than to hand to a
@@ -212,11 +219,11 @@ class FastEpochIterator(EpochCursor):
                           f"{describe_indices(indices)}")
             raise
         res.stats.add_read(time.perf_counter() - started)
-        self.position = start + length
-        self.last_start, self.last_length = start, length
+        batch = res.pack(tensors)  # NOTE(atomic-delivery): before the commit
+        self.position, self.last_start, self.last_length = start + length, start, length
         res.stats.add_delivery(length, length * res.sample_nbytes if shapes is None else
                                sum(t.nbytes for t in tensors.values()), 0.0)
-        return res.pack(tensors)
+        return batch
 
     def _to_device(self, entry: _Pending) -> Dict[str, torch.Tensor]:
         ring = self.res.device_ring
@@ -294,7 +301,12 @@ class FastPath:
             boundaries = np.arange(step, len(order) + step, step, dtype=np.int64)
         capacity = None
         if batches is not None:
-            spans = [np.asarray(list(b), dtype=np.int64) for b in batches]
+            spans = [index_array(b, "batch_sampler") for b in batches]
+            empty = next((k for k, b in enumerate(spans) if len(b) == 0), None)
+            if empty is not None:
+                raise ArgumentError(f"batch_sampler yielded an empty batch (batch {empty} of "
+                                    "the epoch); yield at least one index per batch (torch's "
+                                    "DataLoader fails on it too)")
             order = np.concatenate(spans) if spans else np.empty(0, dtype=np.int64)
             ends = np.cumsum([len(b) for b in spans])
             boundaries = ends if boundaries is None else np.union1d(ends, boundaries)

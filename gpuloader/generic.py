@@ -78,6 +78,8 @@ class SizedBatchSampler(Sampler):
 
 
 def _nbytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor) and obj.is_nested:
+        return sum(_nbytes(t) for t in obj.unbind())
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
     if isinstance(obj, np.ndarray):
@@ -101,6 +103,8 @@ def sample_nbytes_of(dataset: Any) -> int:
 
 def batch_length(batch: Any) -> int:
     """Samples in a collated ``batch``: the first tensor's dim 0, or a leaf list's length."""
+    if isinstance(batch, torch.Tensor) and batch.is_nested:  # no .shape: its sizes vary
+        return int(batch.size(0))
     if isinstance(batch, (torch.Tensor, np.ndarray)):
         return int(batch.shape[0]) if batch.ndim else 1
     if isinstance(batch, dict):
@@ -160,7 +164,15 @@ class GenericEpochIterator(EpochCursor):
         # Dropping this iterator drops torch's, whose own __del__ stops its workers (as after a
         # break with torch's DataLoader); EpochCursor.__del__ tells the tracker where it stopped.
 
-    def __next__(self) -> Any:
+    @property
+    def _workers(self) -> list:  # type: ignore[override]  # NOTE(one-consumer) in epoch.py
+        return list(getattr(self._it, "_workers", []) or [])
+
+    @property
+    def _pin_memory_thread(self) -> Any:  # type: ignore[override]
+        return getattr(self._it, "_pin_memory_thread", None)
+
+    def _next(self) -> Any:
         if self.finished:
             raise StopIteration
         started = time.perf_counter()

@@ -34,7 +34,7 @@ from gpuloader.adaptive import AdaptiveBatch, planned_size
 from gpuloader.allocator import StepMemory
 from gpuloader.arguments import BatchSize, check_batch_size, check_combination
 from gpuloader.buffers import ring_slots
-from gpuloader.checks import int_at_least
+from gpuloader.checks import check_loader_options, int_at_least
 from gpuloader.devices import DeviceArg, resolve_device
 from gpuloader.epoch import EpochTracker, OrderSpec
 from gpuloader.ecosystem import FrameworkHooks
@@ -42,7 +42,8 @@ from gpuloader.errors import ArgumentError, ArgumentTypeError, describe
 from gpuloader.fastpath import FastEpochIterator, FastPath
 from gpuloader.generic import (GenericEpochIterator, OrderSampler, SizedBatchSampler,
                                sample_nbytes_of)
-from gpuloader.planning import CostModel, FreeMemory, SizerConfig, SizingOptions
+from gpuloader.planning import (CostModel, FreeMemory, SizerConfig, SizingOptions,
+                                check_budget_fits, warn_whole_dataset)
 from gpuloader.probes import HostProbe, probe_for, validate_memory_budget
 from gpuloader.stats import LoaderStats
 from gpuloader.streams import StreamCopier, use_on_stream
@@ -126,6 +127,8 @@ class DataLoader(FrameworkHooks, tud.DataLoader[T_co]):
                  pad_value: Any = 0, pad_to_multiple_of: int = 1, packed: bool = False,
                  bucket_window: Optional[int] = None) -> None:
         batch_size = check_batch_size(batch_size)
+        check_loader_options(num_workers=num_workers, prefetch_depth=prefetch_depth,
+                             reuse_buffers=reuse_buffers)
         auto = batch_size == "auto"
         check_combination(dataset, auto, shuffle, sampler, batch_sampler, order, distributed)
         super().__init__(dataset, 1 if auto else batch_size, shuffle, sampler, batch_sampler,
@@ -182,6 +185,8 @@ class DataLoader(FrameworkHooks, tud.DataLoader[T_co]):
                                            ring_slots(self.prefetch_depth), options,
                                            self._memory is not None)
         self._sizing = self._make_sizing(batch_size, options)
+        if self._sizing is not None and self._sizing.auto and max_batch_size is None:
+            warn_whole_dataset(self._sizing.current, len(dataset), self.device)
         if self._view is None and self._sizing is not None and batch_sampler is None:
             # Replace torch's fixed-size BatchSampler by one that reads the live size, so
             # out-of-memory shrinking and "auto" apply to the generic path too.
@@ -206,6 +211,8 @@ class DataLoader(FrameworkHooks, tud.DataLoader[T_co]):
                 self._user_batch_sampler is not None:
             return None
         auto = batch_size == "auto"
+        if auto and self.memory_budget is not None and self._tokens is None:
+            check_budget_fits(self.memory_budget, self._sizer_config())
         target = planned_size(self._free, self._sizer_config(), self._world) if auto else \
             int(batch_size)  # type: ignore[arg-type]
         if self._tokens is not None:  # the live size is max_tokens (NOTE(token-budget-size))
@@ -366,11 +373,23 @@ class DataLoader(FrameworkHooks, tud.DataLoader[T_co]):
         seconds waited / reading / copying, stall fraction, rates, batch-size history, and
         ``oom_count``, the out-of-memory rollbacks."""
         snap = self._stats.snapshot()
+        snap["path"] = self.path
         snap["batch_size"] = self.batch_size
         # NOTE(user-peak) in allocator.py: the peak torch would report without guard resets.
         snap["max_memory_allocated"] = self._memory.max_memory_allocated() \
             if self._memory is not None else None
         return snap
+
+    @property
+    def path(self) -> str:
+        """NOTE(paths): "fast" (batched reads of an array dataset, read ahead by gpuloader) or
+        "generic" (torch's own fetching through ``__getitem__``/``__getitems__``)."""
+        return "fast" if self._view is not None else "generic"
+
+    def __repr__(self) -> str:
+        size = "auto" if self._sizing is not None and self._sizing.auto else self.batch_size
+        return (f"gpuloader.DataLoader({type(self.dataset).__name__}, path={self.path!r}, "
+                f"batch_size={size!r}, device={self.device}, num_workers={self.num_workers})")
 
     def stats_reset(self) -> None:
         """Start a new measurement window for :meth:`stats`."""

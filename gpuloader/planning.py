@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import numbers
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -159,6 +160,32 @@ def plan_batch_size(
     if cfg.max_batch_size is not None:
         size = min(size, cfg.max_batch_size)
     return max(1, min(size, cfg.dataset_len))
+
+
+def warn_whole_dataset(size: int, dataset_len: int, device: object) -> None:
+    """NOTE(auto-whole-dataset): ``batch_size="auto"`` without ``max_batch_size`` sizes batches
+    from memory alone, which on a CPU (or a large GPU) can be the whole dataset: one optimizer
+    step per epoch, which changes what the model learns.  Say so once, at construction."""
+    if dataset_len > 1 and size >= dataset_len:
+        warnings.warn(
+            f'batch_size="auto" chose {size}: every sample of the dataset in one batch on '
+            f"{device or 'cpu'} (memory allows it), so one optimizer step per epoch. Pass "
+            "max_batch_size= to bound it, or keep the optimization batch fixed with "
+            "loader.accumulate(global_batch_size)", UserWarning, stacklevel=4)
+
+
+def check_budget_fits(budget: int, cfg: SizerConfig) -> None:
+    """ArgumentError when an explicit ``memory_budget`` cannot hold ``min_batch_size`` samples
+    (staging slots plus ``sample_bytes`` each): "auto" would otherwise plan a batch over the
+    budget it was given, silently."""
+    per_sample = cfg.staging_bytes_per_sample * cfg.ring_slots + cfg.sample_bytes
+    need = math.ceil(per_sample * cfg.min_batch_size / cfg.memory_fraction)
+    if budget < need:
+        raise ArgumentError(
+            f"memory_budget={budget} bytes cannot hold min_batch_size={cfg.min_batch_size} "
+            f"sample(s): one costs {per_sample:,} bytes ({cfg.staging_bytes_per_sample:,} in "
+            f"each of {cfg.ring_slots} staging slots + sample_bytes {cfg.sample_bytes:,}), and "
+            f"memory_fraction is {cfg.memory_fraction}; pass memory_budget >= {need:,}")
 
 
 class CostModel:

@@ -144,7 +144,7 @@ class ProcessReaderPool:
         self._waiting, self._done, self._filled = {}, {}, set()
 
     def _renew_if_needed(self) -> None:
-        """NOTE(pool-renewal): own workers in a forked child; fresh ones after one died."""
+        """NOTE(pool-renewal): a clear error in a forked child; fresh workers after one died."""
         if self._foreign:
             owner = self._owner
             self._forget()
@@ -159,12 +159,12 @@ class ProcessReaderPool:
             self._start()
 
     def submit(self, job: ReadJob) -> None:
-        """Queue ``job`` into a free slot (see NOTE(process-slots) and NOTE(pool-renewal))."""
+        """Queue ``job`` into a free slot (see NOTE(process-slots)).  Its ``before`` runs only
+        when the rows are copied out into its buffer (NOTE(no-gpu-wait-on-draw) in readers.py).
+        See NOTE(pool-renewal) for a forked child and for workers that died."""
         if self._closed:
             raise RuntimeError("gpuloader: submit() on a closed reader-process pool")
         self._renew_if_needed()
-        if job.before is not None:
-            job.before()
         slot = self._free.pop()
         self._waiting[job.seq] = (job, slot)
         self._jobs.put((job.seq, slot, job.indices))
@@ -184,9 +184,12 @@ class ProcessReaderPool:
     def done(self, seq: int) -> bool:
         """True when job ``seq`` has finished *and its rows are in the job's buffers*, as with
         ReaderPool: the fast path starts the device copy out of them on this signal.  Never
-        blocks (the copy out of the slot happens here, once)."""
+        blocks: while the job's buffer still feeds a device copy, it is not done yet (the copy
+        out of the slot happens here, once)."""
         self._collect(block=False)
         if seq not in self._done:
+            return False
+        if seq not in self._filled and not self._waiting[seq][0].is_ready():
             return False
         self._fill(seq)
         return True
@@ -197,6 +200,8 @@ class ProcessReaderPool:
             return
         error, _ = self._done[seq]
         job, slot = self._waiting[seq]
+        if job.before is not None:
+            job.before()  # the buffer's previous device copy must be over before we write it
         if error is None:
             rows = len(job.indices)
             for name, out in job.out.items():

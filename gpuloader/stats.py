@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Dict, List, NamedTuple
+from collections import deque
+from typing import Deque, Dict, NamedTuple
 
 _MIN_ELAPSED_S = 1e-9  # keeps rates finite for windows too short to time
+#: Batch-size changes stats()["batch_sizes"] keeps (the most recent ones).
+SIZE_HISTORY = 32
 
 
 class Rates(NamedTuple):
@@ -52,7 +55,7 @@ class LoaderStats:
             self.copy_stall_s = 0.0
             self.oom_count = 0
             self.rolled_back_samples = 0
-            self.batch_sizes: List[int] = []
+            self.batch_sizes: Deque[int] = deque(maxlen=SIZE_HISTORY)
             self._started = time.perf_counter()
 
     def add_read(self, seconds: float) -> None:
@@ -74,7 +77,8 @@ class LoaderStats:
         self.bytes += nbytes
         self.wait_s += waited_s
         # History of distinct sizes in the order they were used: a run of equal batches adds one
-        # entry, so the list stays short however long the run.
+        # entry, and only the last SIZE_HISTORY changes are kept (an epoch's short last batch
+        # adds two per epoch), so it stays bounded however long the run.
         if not self.batch_sizes or self.batch_sizes[-1] != samples:
             self.batch_sizes.append(samples)
 

@@ -487,6 +487,7 @@ class _Run:
             "samples_per_s": rate.samples_per_s,
             "gb_per_s": rate.gb_per_s,
             "batch_size": self.loader.batch_size,
+            "path": self.loader.path,
             "batch_sizes": list(s.batch_sizes),
             "stall_fraction": rate.stall_fraction,
             "oom_count": s.oom_count,
@@ -589,6 +590,7 @@ def _train_epochs(r: _Run, cfg: Config, *, resume: bool,
 def _format_record(record: Dict[str, Any]) -> str:
     text = (f"epoch {record['epoch']}: loss {record['loss']:.4f}, "
             f"{record['samples_per_s']:,.0f} samples/s, batch {record['batch_size']}, "
+            f"{record.get('path', '?')} path, "
             f"stall {100 * record['stall_fraction']:.1f}%")
     if "val_loss" in record:
         text += f", val_loss {record['val_loss']:.4f}"

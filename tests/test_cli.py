@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -269,6 +270,7 @@ def test_demo_small(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code, out, err = run(capsys, "demo", "--samples", "3000", "--features", "16",
                          "--cache-dir", str(cache), "--quiet", "--format", "hdf5")
     assert code == 0, err
+    assert re.search(r"gpuloader path\s+fast\s", out), out  # which path (issue 15)
     for text in ("samples/s", "GB/s", "batch sizes", "stall fraction", "(auto, max 1024)",
                  "torch DataLoader (per-sample, num_workers=0)", "loss first -> last"):
         assert text in out

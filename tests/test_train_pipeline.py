@@ -60,6 +60,7 @@ def test_auto_batch_size_keeps_a_fixed_global_batch(tmp_path: Path) -> None:
     (record,) = train.run(cfg)
     assert record["samples"] == 600
     assert record["step"] == 3  # ceil(600 / 256) optimizer steps, not 1
+    assert record["path"] == "fast"
 
 
 # -- item 10: seeded random validation split ----------------------------------------------------
