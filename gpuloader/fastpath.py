@@ -101,6 +101,7 @@ class FastEpochIterator(EpochCursor):
         #: With a token budget: planning lengths in the order; spans are cut at the live
         #: budget within the planned batches ``boundaries`` (NOTE(token-plan) in tokens.py).
         self._order_lengths = order_lengths
+        self._parts: tuple = ((), [], [])  # ((stop, live), part starts, part ends)
         self.res = res
         self.order = order
         self._sort = sort
@@ -120,9 +121,7 @@ class FastEpochIterator(EpochCursor):
         if pos >= n:
             return None
         if self._order_lengths is not None:
-            stop = int(self._boundaries[np.searchsorted(self._boundaries, pos, side="right")])
-            live = self.res.sizing.current  # the live max_tokens
-            return pos, self.res.tokens.next_end(self._order_lengths, pos, stop, live) - pos
+            return pos, self._token_end(pos) - pos
         # Without a live size a user batch_sampler sets the sizes: spans end at its boundaries.
         size = self.res.sizing.current if self.res.sizing is not None else n - pos
         end = min(pos + size, n)
@@ -133,6 +132,19 @@ class FastEpochIterator(EpochCursor):
         elif self._drop_last and end - pos < size:
             return None
         return pos, end - pos
+
+    def _token_end(self, pos: int) -> int:
+        """End of the batch from ``pos``: the parts of its planned batch at the live budget,
+        kept while the budget holds (NOTE(agreed-split) in tokens.py)."""
+        stop = int(self._boundaries[np.searchsorted(self._boundaries, pos, side="right")])
+        live = self.res.sizing.current  # the live max_tokens
+        key, starts, parts = self._parts
+        if key != (stop, live) or pos not in starts:
+            parts = self.res.tokens.parts(self._order_lengths, pos, stop, live,
+                                          getattr(self.res.sizing, "world", None))
+            starts = [pos] + parts[:-1]
+            self._parts = ((stop, live), starts, parts)
+        return parts[starts.index(pos)]
 
     def _indices(self, start: int, length: int) -> np.ndarray:
         if self.res.readahead is not None:
@@ -247,6 +259,7 @@ class FastEpochIterator(EpochCursor):
         self._planned = position
         self.position = position
         self.finished = False
+        self._parts = ((), [], [])
 
     def close(self) -> None:
         """Forget read-ahead batches (their reads are waited for, so buffers are quiet)."""

@@ -5,6 +5,14 @@
 order of dataset positions plus the planned batch ends (NOTE(length-buckets) in batching.py)
 and cuts the next batch at the live budget (NOTE(token-budget)).
 
+NOTE(agreed-split): distributed ranks must step the same number of times.  The plan gives each
+rank the same number of planned batches; while the live budget is below the planning budget
+(after an out-of-memory rollback) every rank cuts what is left of its current planned batch into
+the same number of parts, ``min(max over ranks of the parts its budget needs, min over ranks of
+its samples left)`` (two collectives, once per planned batch, only while shrunk).  A rank needing
+fewer parts halves its largest; one needing more than the smallest rank has samples cuts evenly
+by count (its parts then exceed the budget, as a lone over-long sample does).
+
 NOTE(token-plan): an epoch's batches are planned once, with the planning budget ``plan_tokens``
 (the ``max_tokens`` given, or the one a resumed state was planned with), as a pure function of
 (seed, epoch, rank, world size, lengths, plan_tokens, bucket_window).  The live budget
@@ -16,7 +24,7 @@ resume of NOTE(cursor) in epoch.py hold unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -175,9 +183,36 @@ class TokenEpochs:
         """Plan epochs with the saved budget, so a resumed epoch has the same batches."""
         self.plan_tokens = int(state["plan_tokens"])
 
-    def next_end(self, order_lengths: np.ndarray, pos: int, stop: int, live: int) -> int:
-        """End of the batch from ``pos`` within the planned batch ending at ``stop``."""
-        return cut(order_lengths, pos, stop, self.budget(live))
+    def parts(self, order_lengths: np.ndarray, pos: int, stop: int, live: int,
+              world: Any) -> List[int]:
+        """Ends of the batches that cover ``[pos, stop)`` (what is left of one planned batch)
+        at the live budget ``live`` -- NOTE(agreed-split) over the ranks of ``world`` (None:
+        one process)."""
+        budget = self.budget(live)
+        ends: List[int] = []
+        p = pos
+        while p < stop:
+            p = cut(order_lengths, p, stop, budget)
+            ends.append(p)
+        if world is None or world.world_size == 1 or not world.use_collectives or \
+                self.plan_tokens is None or live >= self.plan_tokens:
+            return ends  # a planned batch fits its plan budget: one part on every rank
+        need, samples = len(ends), stop - pos
+        count = min(-world.min(-need), world.min(samples))
+        return _split_in(pos, stop, ends, count)
+
+
+def _split_in(pos: int, stop: int, ends: List[int], count: int) -> List[int]:
+    """``count`` ends of non-empty consecutive parts of ``[pos, stop)``: ``ends`` if it has that
+    many; else its largest parts halved until there are enough; else even parts by count."""
+    if len(ends) > count:
+        return [pos + ((stop - pos) * (i + 1)) // count for i in range(count)]
+    ends = list(ends)
+    while len(ends) < count:
+        starts = [pos] + ends[:-1]
+        k = max(range(len(ends)), key=lambda i: ends[i] - starts[i])
+        ends.insert(k, starts[k] + (ends[k] - starts[k]) // 2)
+    return ends
 
 
 def layout_for(fields: dict, source: Source, options: RaggedOptions) -> RaggedLayout:

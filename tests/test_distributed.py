@@ -226,6 +226,24 @@ def scenario_tokens(rank: int) -> Dict[str, Any]:
     return out
 
 
+def scenario_tokens_oom(rank: int) -> Dict[str, Any]:
+    """Out-of-memory on rank 1 only, twice: every rank shrinks and splits alike (equal steps)."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    failed: List[bool] = []
+    trained: List[int] = []
+    with gl.DataLoader(ragged_dataset(), max_tokens=256, shuffle=True, seed=3,
+                       distributed=True, reader_threads=1) as loader:
+        for step, batch in enumerate(loader):
+            with loader.oom_guard(optimizer) as guard:
+                if rank == 1 and step in (1, 4) and len(batch["y"]) > 1:
+                    raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated, rank 1)")
+            if not guard.failed:
+                trained.extend(batch["y"].tolist())
+            failed.append(guard.failed)
+        return {"failed": failed, "trained": trained, "max_tokens": loader.max_tokens}
+
+
 SCENARIOS: Dict[str, Callable[[int], Dict[str, Any]]] = {
     "shards": scenario_shards,
     "auto": scenario_auto,
@@ -233,6 +251,7 @@ SCENARIOS: Dict[str, Callable[[int], Dict[str, Any]]] = {
     "resume": scenario_resume,
     "accelerate": scenario_accelerate,
     "tokens": scenario_tokens,
+    "tokens_oom": scenario_tokens_oom,
 }
 
 
@@ -293,6 +312,16 @@ def results(ranks: List[Dict[str, Any]], name: str) -> List[Dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------- sharding
+
+def test_token_budget_rollbacks_keep_ranks_in_step_and_samples_once(ranks):
+    got = results(ranks, "tokens_oom")
+    plain = [r["False"]["batches"] for r in results(ranks, "tokens")]
+    assert len(got[0]["failed"]) == len(got[1]["failed"])  # equal steps, rollbacks included
+    assert got[0]["failed"] == got[1]["failed"] and sum(got[0]["failed"]) >= 1
+    assert got[0]["max_tokens"] == got[1]["max_tokens"] < 256
+    for r in range(WORLD_SIZE):  # each rank's shard, exactly once
+        assert sorted(got[r]["trained"]) == sorted(i for b in plain[r] for i in b["y"])
+
 
 @pytest.mark.parametrize("drop_last", ["False", "True"])
 def test_token_batches_are_planned_globally_so_ranks_step_equally(ranks, drop_last):
