@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="bench_out",
                         help="folder for results.json, results.md, throughput.png "
                         "(default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=256, help="default: %(default)s")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="default: 256 (1024 with --cold)")
     parser.add_argument("--orders", type=_list_arg, default=",".join(ORDERS),
                         help="gpuloader orders, comma-separated (default: %(default)s)")
     parser.add_argument("--loaders", type=_list_arg, default=None,
@@ -74,6 +75,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ragged = parser.add_argument_group("--ragged options")
     from gpuloader.bench.ragged import add_arguments as ragged_arguments
     ragged_arguments(ragged)
+    cold = parser.add_argument_group("cold storage (--cold: files not in the page cache; "
+                                     "see gpuloader.bench.cold)")
+    cold.add_argument("--cold", action="store_true",
+                      help="run the cold benchmark instead: each case in a fresh process after "
+                      "dropping its file from the page cache; writes cold.json and cold.md")
+    cold.add_argument("--dir", default="gpuloader-cold",
+                      help="folder for the cold benchmark's files (default: %(default)s)")
+    cold.add_argument("--gb", type=float, default=4.0,
+                      help="size of the cold .npy file of 1 KB rows, GB (default: %(default)s)")
+    cold.add_argument("--gzip-mb", type=float, default=256.0,
+                      help="size of the gzip HDF5 file, MB (default: %(default)s)")
+    cold.add_argument("--epochs-mb", type=float, default=128.0,
+                      help="file read for 3 cold epochs (memory bound), MB (default: "
+                      "%(default)s)")
+    cold.add_argument("--delete", action="store_true",
+                      help="delete the cold benchmark's files afterwards")
 
 
 def main(args: Union[argparse.Namespace, Sequence[str], None] = None) -> int:
@@ -102,6 +119,10 @@ def _main(args: argparse.Namespace) -> int:
         from gpuloader.bench.ragged import main as ragged_main
 
         return ragged_main(args=args)
+    if getattr(args, "cold", False):
+        from gpuloader.bench import cold
+
+        return cold.main(args)
     progress = not getattr(args, "no_progress", False)
     # Check the case names before spending time on data.
     check_names("loaders", args.loaders, LOADERS, DEFAULT_LOADERS)
@@ -113,7 +134,7 @@ def _main(args: argparse.Namespace) -> int:
             stack.callback(closer)
         stack.callback(close_raw)
         records = compare(
-            dataset, batch_size=args.batch_size, loaders=args.loaders, orders=args.orders,
+            dataset, batch_size=args.batch_size or 256, loaders=args.loaders, orders=args.orders,
             num_workers=args.num_workers, seconds=args.seconds, compute_ms=args.compute_ms,
             compute_kind=getattr(args, "compute_kind", "auto"),
             device=args.device, repeats=args.repeats, samples=args.samples, seed=args.seed,
