@@ -9,7 +9,9 @@ Each field gets one of three read paths, chosen from how its bytes are stored:
                written read as the dataset's fill value.
 ``slab``       everything else (compressed or filtered chunks, chunks that split other
                dimensions, compact/virtual/external storage): indices are grouped by chunk and
-               each group's covering dim-0 slab is read once with ``read_direct``.
+               each group's covering dim-0 slab is read once with ``read_direct``.  Compressed
+               chunks spanning every dimension but the first are decompressed once into a
+               small cache and served from there (NOTE(decoded-chunks) in chunks.py).
 
 The two map paths read batches that are not in the page cache with positional reads in flight
 instead of page faults (NOTE(cold-probe) in pread.py); ``will_need`` passes readahead hints
@@ -42,6 +44,7 @@ from gpuloader.sources.base import (FieldSpec, ProcessLocal, RowPlan, StorageInf
                                     check_field_names, check_lengths, check_mapped_size,
                                     check_out, native_dtype,
                                     rows_per_block)
+from gpuloader.sources.chunks import ChunkedReader
 from gpuloader.sources.pread import RowFile
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -333,7 +336,7 @@ class _Opened:
             h5.close()
             files.close()
             raise
-        if any(isinstance(r, _SlabReader) for r in readers.values()):
+        if any(isinstance(r, (_SlabReader, ChunkedReader)) for r in readers.values()):
             return cls(h5, readers, files)
         h5.close()  # every field reads through maps: hold no HDF5 handle at all
         return cls(None, readers, files)
@@ -444,6 +447,9 @@ def _make_reader(dset: h5py.Dataset, plan: Hdf5Field, files: _Files) -> _Reader:
         reader = _ChunkMapReader.build(dset, plan, files.map(dset), cold)
         if reader is not None:
             return reader
+    elif plan.layout == "compressed" and plan.chunks is not None and \
+            plan.chunks[1:] == plan.shape[1:]:
+        return ChunkedReader(dset, plan.chunks[0])  # NOTE(decoded-chunks)
     return _SlabReader(dset, plan)
 
 

@@ -10,10 +10,11 @@ batch in one of two ways, decided per batch:
   buffer, executed by a pool of :data:`IO_THREADS` threads (``preadv`` releases the GIL), so
   that many requests are in flight.
 
-NOTE(cold-probe): the decision reads up to :data:`PROBE_RUNS` of the batch's runs, spread over
+NOTE(cold-probe): the decision reads up to :data:`PROBE_RUNS` of the batch's rows, spread over
 it, with ``preadv(..., RWF_NOWAIT)``, which fails with EAGAIN (or reads short) instead of
 waiting for storage.  All of them served: the batch is taken to be cached and gathered from the
-map (the probed rows are simply read twice, ~2 us each).  Any miss: the batch goes to the pool.
+map (the probed rows are simply read twice, ~2 us each).  The first miss: the whole batch goes
+to the pool.
 Filesystems without RWF_NOWAIT always take the warm path (the behaviour before this module).
 
 NOTE(io-leases): the pool belongs to the process and runs only while some reader holds a lease
@@ -28,14 +29,14 @@ import errno
 import os
 import threading
 from collections import deque
-from typing import Deque, List, Optional, Sequence, Tuple
+from typing import Deque, List, Optional, Tuple
 
 import numpy as np
 
 #: Reads in flight at once (threads of the pool).  Measured on this project's VM disk: 32
 #: threads of one-row reads reach ~42k rows/s cold, 8 threads ~24k, 64 no more than 32.
 IO_THREADS = 32
-#: Runs probed with RWF_NOWAIT per batch (NOTE(cold-probe)).
+#: Rows probed with RWF_NOWAIT per batch (NOTE(cold-probe)).
 PROBE_RUNS = 8
 #: Longer runs are split into requests of this many bytes, so one long run is read in parallel.
 MAX_REQUEST_BYTES = 256 << 10
@@ -228,39 +229,29 @@ class RowFile:
         if not self.probes or len(offsets) == 0 or not out.flags.c_contiguous or out.size == 0:
             return False
         pool = active_pool()
-        if pool is None:
+        if pool is None or self._cached(offsets, out):
             return False
-        requests = requests_for(offsets, out, out.nbytes // len(out))
-        missed = self._probe(requests)
-        if missed is None:
-            return False
-        pool.read(self.fd, missed)
+        pool.read(self.fd, requests_for(offsets, out, out.nbytes // len(out)))
         return True
 
-    def _probe(self, requests: Sequence[Tuple[memoryview, int]]
-               ) -> Optional[List[Tuple[memoryview, int]]]:
-        """None when every probed request was served from the cache; else the requests left to
-        read (all but the probes that were served)."""
-        count = len(requests)
-        picks = sorted(set(np.linspace(0, count - 1, min(PROBE_RUNS, count)).astype(int)
-                           .tolist()))
-        served = set()
-        for k in picks:
-            buf, offset = requests[k]
+    def _cached(self, offsets: np.ndarray, out: np.ndarray) -> bool:
+        """True when every probed row (PROBE_RUNS of them, spread over the batch) is served
+        from the page cache; each is read into its place in ``out``."""
+        rows = out.reshape(len(out), -1).view(np.uint8)
+        for k in np.linspace(0, len(offsets) - 1, min(PROBE_RUNS, len(offsets))).astype(int):
+            buf = memoryview(rows[k])
             try:
-                got = read_fully(self.fd, buf, offset, _NOWAIT)  # type: ignore[arg-type]
+                got = read_fully(self.fd, buf, int(offsets[k]), _NOWAIT)  # type: ignore[arg-type]
             except BlockingIOError:
-                got = -1
+                return False
             except OSError as exc:
                 if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
                     self.probes = False  # this filesystem cannot tell: always gather
-                    return None
+                    return True
                 raise
-            if got == len(buf):
-                served.add(k)
-        if len(served) == len(picks):
-            return None
-        return [r for k, r in enumerate(requests) if k not in served]
+            if got < len(buf):
+                return False
+        return True
 
     def will_need(self, offset: int, nbytes: int) -> None:
         """Ask the kernel to start reading ``nbytes`` at ``offset`` (POSIX_FADV_WILLNEED)."""
