@@ -315,9 +315,15 @@ def accumulate(sizing: AdaptiveBatch, iterator: Any, global_batch_size: int, *,
     total = iterator.total
     if drop_last:
         total -= total % global_batch_size
-    start = iterator.position - iterator.position % global_batch_size
+    # NOTE(resumed-step): resumed mid-step, the first step is what is left of the interrupted
+    # one (its earlier micro-batches were delivered, and their gradients lost, before the
+    # checkpoint): it starts at the resume point, so an out-of-memory rollback never rewinds
+    # past it -- the generic path cannot replay samples it never read, and the fast path would
+    # deliver them twice -- and its weights sum to 1 over the samples it has.
+    start = iterator.position
     while start < total:
-        size = min(global_batch_size, total - start)
+        boundary = (start // global_batch_size + 1) * global_batch_size
+        size = min(boundary, total) - start
         yield Step(sizing, iterator, start, size)
         if iterator.position < start + size:  # the caller left the step early
             return

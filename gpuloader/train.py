@@ -25,6 +25,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -270,15 +271,20 @@ class _Run:
         split = self.split
         train_ds = self.ds if split.val_rows == 0 else torch.utils.data.Subset(
             self.ds, split.train.tolist())
-        self.loader = DataLoader(train_ds, batch_size=lc.batch_size, shuffle=lc.shuffle,
-                                 order=lc.order, drop_last=lc.drop_last,
-                                 seed=cfg.train.seed, **common)
+        with warnings.catch_warnings():
+            if cfg.train.global_batch_size is not None:  # accumulated: micro-batch sizes only
+                warnings.filterwarnings("ignore", message='batch_size="auto" chose')
+            self.loader = DataLoader(train_ds, batch_size=lc.batch_size, shuffle=lc.shuffle,
+                                     order=lc.order, drop_last=lc.drop_last,
+                                     seed=cfg.train.seed, **common)
         self.loaders.append(self.loader)
         self.val_loader = None
         if split.val_rows:
             val_ds = torch.utils.data.Subset(self.ds, split.val.tolist())
-            self.val_loader = DataLoader(val_ds, batch_size=lc.batch_size, shuffle=False,
-                                         seed=cfg.train.seed, **common)
+            with warnings.catch_warnings():  # validation batches do not change the model
+                warnings.filterwarnings("ignore", message='batch_size="auto" chose')
+                self.val_loader = DataLoader(val_ds, batch_size=lc.batch_size, shuffle=False,
+                                             seed=cfg.train.seed, **common)
             self.loaders.append(self.val_loader)
 
     def close(self) -> None:
