@@ -137,7 +137,7 @@ def _read_block(field: _Field, start: int, stop: int) -> np.ndarray:
 
         if not isinstance(field.reader, h5py.Dataset):
             raise
-        from gpuloader.sources.hdf5 import read_error
+        from gpuloader.sources.chunks import read_error
 
         raise read_error(exc, field.reader, start, stop) from exc
 

@@ -101,6 +101,9 @@ def test_corrupt_gzip_chunks_name_file_dataset_and_rows(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match=rf"dataset 'x' of {path}, rows \d+\.\.\d+.*corrupt"):
         convert(path, tmp_path / "out", progress=False)
     loader = gl.DataLoader(gl.open_dataset(path), batch_size=ROWS)
-    with pytest.raises(SourceError, match=rf"dataset 'x' of {path}.*corrupt"):
+    with pytest.raises(SourceError, match=rf"dataset 'x' of {path}.*corrupt") as caught:
         next(iter(loader))
     loader.close()
+    notes = "\n".join(getattr(caught.value, "__notes__", []))
+    assert f"while reading field 'x' (dataset 'x') from {path}" in notes  # file and field
+    assert "sample indices [0, 1, 2" in notes

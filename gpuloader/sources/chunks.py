@@ -23,8 +23,20 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 from h5py import h5z
 
+from gpuloader.errors import SourceError
+
 #: Bytes of decoded chunks one process keeps (NOTE(decoded-chunks)).
 CACHE_BYTES = 64 << 20
+
+
+def read_error(exc: BaseException, dset: Any, lo: int, hi: int) -> SourceError:
+    """NOTE(hdf5-errors): h5py's read errors name neither file nor dataset; say both, the rows,
+    and what to check."""
+    return SourceError(
+        f"reading dataset {dset.name.lstrip('/')!r} of {dset.file.filename}, rows {lo}..{hi}, "
+        f"failed: {type(exc).__name__}: {exc}. A compressed chunk may be corrupt, the file "
+        "truncated, or an external raw file missing; check it with `h5dump -d "
+        f"{dset.name} {dset.file.filename}`")
 
 
 class DecodedChunks:
@@ -50,6 +62,12 @@ class DecodedChunks:
         other filters go through h5py's ``read_direct``."""
         with self._lock:
             self.decoded += 1
+        try:
+            self._decode(first, out)
+        except (OSError, zlib.error) as exc:  # a corrupt chunk: name file, dataset and rows
+            raise read_error(exc, self._dset, first, first + len(out)) from exc
+
+    def _decode(self, first: int, out: np.ndarray) -> None:
         if self._shuffled is not None:
             try:
                 mask, raw = self._dset.id.read_direct_chunk((first,) + (0,) * (out.ndim - 1))

@@ -39,12 +39,12 @@ import h5py
 import numpy as np
 
 from gpuloader.errors import (ArgumentError, FieldNotFoundError, GpuLoaderError, SourceError,
-                              SourceNotFoundError)
+                              SourceNotFoundError, add_note)
 from gpuloader.sources.base import (FieldSpec, ProcessLocal, RowPlan, StorageInfo, ThreadScratch,
                                     check_field_names, check_lengths, check_mapped_size,
                                     check_out, native_dtype,
                                     rows_per_block)
-from gpuloader.sources.chunks import ChunkedReader
+from gpuloader.sources.chunks import ChunkedReader, read_error
 from gpuloader.sources.pread import RowFile
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -280,7 +280,12 @@ class Hdf5Source:
         for filename, filemap in opened.files.maps.items():  # NOTE(shrunk-files) in base.py
             check_mapped_size(filename, filemap, filemap.size)
         for name, reader in opened.readers.items():
-            reader.read(plan, out[name], self._scratch, name)
+            try:
+                reader.read(plan, out[name], self._scratch, name)
+            except Exception as exc:  # name the file and field (the loader adds the indices)
+                add_note(exc, f"gpuloader: while reading field {name!r} "
+                              f"(dataset {self._plans[name].key!r}) from {self.path}")
+                raise
 
     def will_need(self, first: int, count: int) -> None:
         """Hint the kernel that rows ``first .. first + count - 1`` are read soon (readahead)."""
@@ -403,16 +408,6 @@ def _check_external(dset: h5py.Dataset, path: str) -> None:
                 f"dataset {dset.name.lstrip('/')!r} of {path} stores its data in the external "
                 f"file {name}, which is missing (looked in {', '.join(candidates)}); restore "
                 "it beside the HDF5 file or where the dataset says")
-
-
-def read_error(exc: BaseException, dset: h5py.Dataset, lo: int, hi: int) -> SourceError:
-    """NOTE(hdf5-errors): h5py's read errors name neither file nor dataset; say both, the rows,
-    and what to check."""
-    return SourceError(
-        f"reading dataset {dset.name.lstrip('/')!r} of {dset.file.filename}, rows {lo}..{hi}, "
-        f"failed: {type(exc).__name__}: {exc}. A compressed chunk may be corrupt, the file "
-        "truncated, or an external raw file missing; check it with `h5dump -d "
-        f"{dset.name} {dset.file.filename}`")
 
 
 def _open_file(path: str, cache: Optional[Tuple[int, int]] = None) -> h5py.File:

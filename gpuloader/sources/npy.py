@@ -16,7 +16,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from gpuloader.errors import (ArgumentError, ArgumentTypeError, SourceError, SourceNotFoundError,
-                              describe)
+                              add_note, describe)
 from gpuloader.sources.base import (FieldSpec, ProcessLocal, RowPlan, StorageInfo, check_lengths,
                                     check_mapped_size, check_out, native_dtype, rows_per_block,
                                     select_fields)
@@ -256,8 +256,12 @@ class NpySource:
             flat = self._files[name]
             check_mapped_size(flat.path, arr, flat.offset + arr.nbytes)  # NOTE(shrunk-files)
             cold = rows[name]
-            if cold is None or not cold.read(self._offsets(name, plan.indices), out[name]):
-                plan.gather(arr, out[name])
+            try:
+                if cold is None or not cold.read(self._offsets(name, plan.indices), out[name]):
+                    plan.gather(arr, out[name])
+            except Exception as exc:  # name the file and field (the loader adds the indices)
+                add_note(exc, f"gpuloader: while reading field {name!r} from {flat.path}")
+                raise
 
     def will_need(self, first: int, count: int) -> None:
         """Hint the kernel that rows ``first .. first + count - 1`` are read soon (readahead)."""
