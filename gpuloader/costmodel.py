@@ -27,23 +27,28 @@ NOTE(robust-cost-fit): how ``ShapeCostModel`` turns observations into a ``StepCo
        for larger batches -- unless the token counts span ``MIN_TOKEN_SPAN`` and a fixed
        part cuts the squared error by more than ``ORIGIN_TOLERANCE``: planned batches all
        peak near the budget, and from such shapes a large fixed part with slopes near 0 fits
-       about as well as the truth -- and would plan unbounded batches.
+       about as well as the truth -- and would plan unbounded batches.  For the same reason
+       the fit with a fixed part is, from 4 shapes whose residuals are not 0, a ridge
+       regression that pulls the fixed part towards 0 (``FIXED_PRIOR_SHARE``); exact data
+       is fitted exactly.
 3      ``a`` is raised until the fit lies on or above every shape -- except that once a shape
        has not been seen for ``half_life`` observations, its excess above the least-squares
        fit halves every further ``half_life``, so one old transient does not lower every
        later plan.
 4      out-of-memory shapes: a failed step at ``(B_f, L_f)`` with ``limit`` bytes available
-       scales ``b`` and ``c`` up until ``peak(B_f, L_f) >= limit`` (``>= 2 * limit`` for the
-       prior, a guess: corrected like a batch size after an OOM, halved); and no plan for a length
+       scales ``b`` and ``c`` up until ``peak(B_f, L_f) >= limit`` (``>= 2 * limit`` where
+       the cost is a guess -- the prior, or a length longer than measured while only one
+       length is: corrected like a batch size after an OOM, halved); and no plan for a length
        ``L >= L_f`` reaches ``B_f`` samples (cost grows with both B and L).  A success at a
        shape that dominates a failure (``B >= B_f`` and ``L >= L_f``) -- memory was freed --
        forgets it, as does ``forget_failures()``.
 =====  ======================================================================================
 
 Until two shapes of different token counts (three, over two lengths or more, with
-``quadratic=True``) have been seen the model plans from the prior
-``StepCost(0, token_bytes, 0)`` (``token_bytes``: bytes one padded token costs, given by the
-user; 0: unknown, and plans are unbounded -- the caller applies its own cap), raised by step 4.
+``quadratic=True``) have been seen the model plans from the costliest observed shape per token,
+and before any step from the prior ``StepCost(0, token_bytes, 0)`` (``token_bytes``: bytes one
+padded token costs, given by the user; 0: unknown, and plans are unbounded -- the caller
+applies its own cap); either is raised by step 4.
 """
 from __future__ import annotations
 
@@ -67,6 +72,11 @@ ORIGIN_TOLERANCE = 1.5
 
 #: ... and only when the kept shapes' token counts span at least this factor.
 MIN_TOKEN_SPAN = 1.1
+
+#: The fixed part's prior scale, as a share of the mean peak: with noisy peaks the fit with a
+#: fixed part is a ridge regression of it towards 0, weighted by the plain fit's mean squared
+#: residual over this scale squared (NOTE(robust-cost-fit) step 2).
+FIXED_PRIOR_SHARE = 0.1
 
 #: Before a fit, a failed shape must be predicted to need this many times the memory it had:
 #: the prior is a guess, so it is corrected like a batch size after an OOM (halved), not inched.
@@ -253,17 +263,25 @@ class ShapeCostModel:
         different token counts were seen."""
         if self._stale:
             fit = self._solve()
-            self._fit = None if fit is None else self._respect_failures(fit, 1.0)
+            lengths = {n for _, n in self._shapes}
+            # one length measured: the L**2 term is unknown, so longer lengths are a guess
+            beyond = max(lengths) if self.quadratic and len(lengths) == 1 else None
+            self._fit = None if fit is None else self._respect_failures(fit, 1.0, beyond=beyond)
             self._stale = False
         return self._fit
 
     @property
     def cost(self) -> StepCost:
-        """The cost plans use: ``learned``, or before a fit the prior from ``token_bytes``
-        (raised by failures)."""
+        """The cost plans use: ``learned``; before a fit, the costliest observed shape per
+        token (no fixed part: conservative for larger batches) -- a measurement beats the
+        guess; before any step, the prior from ``token_bytes``.  Raised by failures."""
         learned = self.learned
         if learned is not None:
             return learned
+        if self._shapes:
+            per_token = max(self._value(r) / (b * n) for (b, n), r in self._shapes.items())
+            longest = max(n for _, n in self._shapes)
+            return self._respect_failures(StepCost(0.0, per_token, 0.0), 1.0, beyond=longest)
         prior = StepCost(0.0, float(self.token_bytes), 0.0)
         return self._respect_failures(prior, PRIOR_FAILURE_MARGIN)
 
@@ -323,7 +341,9 @@ class ShapeCostModel:
             # the tolerance keeps rounding noise of an exact fit from counting as an outlier
             spread = float(np.median(np.abs(deleted))) + 1e-9 * float(np.abs(values).max())
             keep = deleted <= 4.0 * spread
-            if keep.sum() >= 2 and not keep.all():
+            # never leave out so much that the L**2 term loses the lengths that determine it
+            if keep.sum() >= 2 and not keep.all() and (
+                    not use_c or len(np.unique(lengths[keep])) >= 2):
                 coef = self._fit_slopes(columns, values, keep)
         residual = values - _evaluate(coef, columns)
         decay = np.power(0.5, np.maximum(0.0, ages - self.half_life) / self.half_life)
@@ -341,15 +361,23 @@ class ShapeCostModel:
         if tokens.max() < MIN_TOKEN_SPAN * tokens.min():
             return origin
         full, full_error = _nonnegative_fit(columns, values, keep)
+        if full_error > 0 and keep.sum() >= 4:  # noisy peaks: keep the fixed part from
+            # soaking them up (with fewer shapes the residual says nothing of the noise)
+            prior = FIXED_PRIOR_SHARE * float(np.mean(values[keep]))
+            ridge = full_error / int(keep.sum()) / max(prior, 1.0) ** 2
+            full, full_error = _nonnegative_fit(columns, values, keep, ridge=ridge)
         return origin if origin_error <= ORIGIN_TOLERANCE * full_error else full
 
-    def _respect_failures(self, cost: StepCost, margin: float) -> StepCost:
+    def _respect_failures(self, cost: StepCost, margin: float, *,
+                          beyond: Optional[int] = None) -> StepCost:
         """``cost`` with its per-sample part raised until every failed shape with a known limit
-        is predicted to need at least ``margin`` times that limit."""
+        is predicted to need at least ``margin`` times that limit -- ``PRIOR_FAILURE_MARGIN``
+        times for shapes longer than ``beyond`` (the cost there is a guess)."""
         for failure in self._failures.values():
             if failure.limit is None:
                 continue
-            needed = failure.limit * margin
+            guessed = beyond is not None and failure.length > beyond
+            needed = failure.limit * (PRIOR_FAILURE_MARGIN if guessed else margin)
             predicted = cost.peak(failure.batch, failure.length)
             if predicted >= needed:
                 continue
@@ -399,13 +427,15 @@ def _evaluate(coef: Sequence[float], columns: List[np.ndarray]) -> np.ndarray:
 
 
 def _nonnegative_fit(columns: List[np.ndarray], values: np.ndarray, keep: np.ndarray, *,
-                     intercept: bool = True) -> Tuple[List[float], float]:
+                     intercept: bool = True, ridge: float = 0.0) -> Tuple[List[float], float]:
     """``([intercept, slopes...], squared error)`` (always three coefficients) of the
     least-squares fit of ``values`` over the ``keep`` rows with every slope >= 0: the best of
     the fits over each subset of the columns whose slopes come out non-negative (at most two
-    columns, so at most four fits).  ``intercept=False`` fits through the origin."""
+    columns, so at most four fits).  ``intercept=False`` fits through the origin; ``ridge``
+    adds ``ridge * intercept**2`` to what is minimised (the error returned leaves it out)."""
     rows = int(keep.sum())
-    best: Optional[Tuple[float, List[float]]] = None
+    target = np.append(values[keep], 0.0)
+    best: Optional[Tuple[float, List[float], float]] = None
     for mask in range(1 << len(columns)):
         chosen = [i for i in range(len(columns)) if mask >> i & 1]
         if not chosen and not intercept:
@@ -413,7 +443,10 @@ def _nonnegative_fit(columns: List[np.ndarray], values: np.ndarray, keep: np.nda
         scales = [max(1.0, float(np.abs(columns[i][keep]).max())) for i in chosen]
         parts = [columns[i][keep] / s for i, s in zip(chosen, scales)]
         design = np.column_stack(([np.ones(rows)] if intercept else []) + parts)
-        solution, *_ = np.linalg.lstsq(design, values[keep], rcond=None)
+        penalty = np.zeros((1, design.shape[1]))
+        if intercept:
+            penalty[0, 0] = math.sqrt(ridge)
+        solution, *_ = np.linalg.lstsq(np.vstack([design, penalty]), target, rcond=None)
         found = [float(v) / s for v, s in zip(solution[1 if intercept else 0:], scales)]
         if any(v < 0 for v in found):
             continue
@@ -421,8 +454,9 @@ def _nonnegative_fit(columns: List[np.ndarray], values: np.ndarray, keep: np.nda
         for i, slope in zip(chosen, found):
             coef[1 + i] = slope
         error = float(np.sum((values[keep] - design @ solution) ** 2))
-        if best is None or error < best[0] * (1 - 1e-12):
-            best = (error, coef)
+        objective = error + ridge * coef[0] ** 2
+        if best is None or objective < best[0] * (1 - 1e-12):
+            best = (objective, coef, error)
     if best is None:  # through the origin, every slope came out negative: nothing grows
         return [0.0, 0.0, 0.0], float(np.sum(values[keep] ** 2))
-    return best[1], best[0]
+    return best[1], best[2]
