@@ -26,7 +26,7 @@ from gpuloader.checks import int_at_least
 from gpuloader.epoch import EpochCursor, EpochTracker
 from gpuloader.errors import ArgumentError, ArgumentTypeError, add_note, describe
 from gpuloader.planning import (CostModel, FreeMemory, SizerConfig, SizingOptions,
-                                plan_batch_size)
+                                check_budget_fits, plan_batch_size)
 from gpuloader.sizing import SizeController
 from gpuloader.stats import LoaderStats
 from gpuloader.world import World
@@ -89,6 +89,23 @@ class AdaptiveBatch:
         self.step_start: Optional[int] = None
         self._guarded_steps = 0  # successful oom_guard steps (NOTE(learned-cost))
         self._warned_unzeroed = False
+
+    @classmethod
+    def make(cls, batch_size: object, *, options: SizingOptions,
+             config: Callable[[], SizerConfig], free: FreeMemory, world: World,
+             stats: LoaderStats, device: Optional[torch.device], budget: Optional[int] = None,
+             max_tokens: Optional[int] = None) -> "AdaptiveBatch":
+        """The live size of a loader built with ``batch_size`` (an int, or "auto": planned now,
+        a collective across ranks) — or, with ``max_tokens``, of its token budget.  Under
+        "auto" a memory ``budget`` too small for one sample is an error."""
+        auto = batch_size == "auto"
+        if auto and budget is not None and max_tokens is None:
+            check_budget_fits(budget, config())
+        target = planned_size(free, config(), world) if auto else int(batch_size)  # type: ignore
+        if max_tokens is not None:  # the live size is max_tokens (NOTE(token-budget-size))
+            target = max_tokens
+        return cls(target, auto=auto, options=options, config=config, free=free, world=world,
+                   stats=stats, device=device, tokens=max_tokens is not None)
 
     @property
     def world(self) -> World:

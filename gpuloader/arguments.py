@@ -58,3 +58,26 @@ def check_combination(dataset: Any, auto: bool, shuffle: Optional[bool], sampler
         raise ArgumentError("distributed=True shards gpuloader's own order and is mutually "
                             "exclusive with sampler/batch_sampler; pass a DistributedSampler "
                             f"as sampler with distributed=False instead ({LIGHTNING_HINT})")
+
+
+def check_state_layout(state: object, version: int) -> None:
+    """Raise unless ``state`` is a dict of this format ``version`` with the parts every state
+    has (DataLoader's docstring); each part's owner checks its contents."""
+    if not isinstance(state, dict):
+        raise ArgumentError(f"state must be a dict from gpuloader.DataLoader.state_dict() "
+                            f"(version {version}), got {describe(state)}")
+    saved = state.get("version")
+    if saved != version:
+        raise ArgumentError(
+            f"state has version {describe(saved)}, but this gpuloader reads state version "
+            f"{version} only (version 1 orders differ, so resuming would deliver other "
+            "samples; version 2 was not nested by owner); start the epoch over with "
+            "set_epoch() instead")
+    missing = [k for k in ("cursor", "order", "sizing") if k not in state]
+    if missing:
+        raise ArgumentError(f"state is missing {', '.join(map(repr, missing))}; pass the "
+                            "dict gpuloader.DataLoader.state_dict() returned")
+    for key in ("cursor", "order"):
+        if not isinstance(state[key], dict):
+            raise ArgumentTypeError(f"state[{key!r}] must be a dict, got "
+                                    f"{describe(state[key])}")

@@ -41,6 +41,16 @@ def int_at_least(name: str, value: object, low: int, accepted: Optional[str] = N
     return number
 
 
+def index_vector(indices: object) -> "tuple[np.ndarray, bool]":
+    """``(array, ok)``: ``ok`` when ``indices`` is a 1-D sequence of integers (or empty), and
+    the array is then int64; otherwise it is ``np.asarray(indices)`` as given, for the message
+    of the error the caller raises (naming its own argument)."""
+    idx = np.asarray(indices)
+    if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
+        return idx, False
+    return idx.astype(np.int64, copy=False), True
+
+
 def check_order(order: object) -> str:
     """``order`` if it is one of :data:`ORDERS`; ArgumentError / ArgumentTypeError otherwise."""
     accepted = f"one of {', '.join(map(repr, ORDERS))}"

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, NoReturn, Optional, Sequence
 
-from gpuloader.cliargs import positive_int
+from gpuloader.cliargs import positive_int, table
 
 __all__ = ["main", "build_parser"]
 
@@ -24,14 +24,11 @@ PROG = "gpuloader"
 
 
 def _version() -> str:
-    try:
-        from importlib.metadata import PackageNotFoundError, version
+    from importlib.metadata import PackageNotFoundError, version
 
-        try:
-            return version("gpuloader")
-        except PackageNotFoundError:
-            pass
-    except ImportError:  # pragma: no cover - Python < 3.8
+    try:
+        return version("gpuloader")
+    except PackageNotFoundError:
         pass
     import gpuloader
 
@@ -54,11 +51,6 @@ def _bytes(n: int) -> str:
         if n >= size:
             return f"{n / size:,.1f} {unit}"
     return f"{n} B"
-
-
-def _table(rows: List[List[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,14 +142,14 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     kind = fields[0]["format"] if fields and fields[0]["format"] else "data"
     print(f"{report['path']} ({kind})")
     print(f"rows: {rows:,}")
-    table = [["field", "dtype", "shape", "bytes/sample", "total", "layout", "chunk rows",
-              "compression", "read path"]]
+    rows_out = [["field", "dtype", "shape", "bytes/sample", "total", "layout", "chunk rows",
+                 "compression", "read path"]]
     for f in fields:
-        table.append([f["name"], f["dtype"], str(tuple(f["shape"])), f"{f['sample_bytes']:,}",
+        rows_out.append([f["name"], f["dtype"], str(tuple(f["shape"])), f"{f['sample_bytes']:,}",
                       _bytes(f["bytes"]), f["layout"] or "-",
                       f"{f['chunk_rows']:,}" if f["chunk_rows"] else "-",
                       f["compression"] or "none", f["read_path"] or "-"])
-    print(_table(table))
+    print(table(rows_out))
     print(f"bytes: {_bytes(report['bytes'])} ({per_sample:,} per sample"
           f"{' on average' if ragged else ''})")
     for name, info in ragged.items():
@@ -290,7 +282,7 @@ def _probe_rows(device: Optional[str]) -> List[List[str]]:
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:
-    print(_table(_probe_rows(args.device)))
+    print(table(_probe_rows(args.device)))
     return 0
 
 

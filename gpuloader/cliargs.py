@@ -1,9 +1,19 @@
-"""argparse ``type=`` converters shared by the subcommands: each rejects bad text with a
-message naming the value and what is accepted (argparse prints it and exits 2)."""
+"""What the subcommands share: argparse ``type=`` converters, each rejecting bad text with a
+message naming the value and what is accepted (argparse prints it and exits 2), and the plain
+text table they print."""
 from __future__ import annotations
 
 import argparse
-from typing import Tuple
+from typing import Sequence, Tuple
+
+
+def table(rows: Sequence[Sequence[str]], *, rule: bool = False) -> str:
+    """``rows`` as left-aligned columns two spaces apart; ``rule`` underlines the first row."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    if rule:
+        lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 def int_at_least(low: int, text: str) -> int:

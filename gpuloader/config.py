@@ -49,6 +49,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import yaml
 
+from gpuloader.checks import ORDERS
 from gpuloader.errors import ConfigError
 
 __all__ = [
@@ -72,7 +73,6 @@ __all__ = [
 OPTIMIZERS = ("adamw", "adam", "sgd")
 #: Loss names accepted by ``train.loss``.
 LOSSES = ("cross_entropy", "mse", "bce_with_logits")
-_ORDERS = ("sequential", "shuffle", "block")
 #: Samples per optimizer step when ``loader.batch_size`` is auto (NOTE(config-global-batch)).
 DEFAULT_GLOBAL_BATCH = 256
 _SECTIONS = ("data", "loader", "model", "train", "output")
@@ -479,7 +479,7 @@ def _loader(c: _Checker, raw: Any) -> LoaderConfig:
         if key in d:
             values[key] = c.boolean(f"loader.{key}", d[key])
     if "order" in d:
-        values["order"] = c.choice("loader.order", d["order"], _ORDERS, "order", optional=True)
+        values["order"] = c.choice("loader.order", d["order"], ORDERS, "order", optional=True)
     if "memory_fraction" in d:
         values["memory_fraction"] = c.number("loader.memory_fraction", d["memory_fraction"],
                                              ok=lambda v: 0.0 < v <= 1.0,

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from gpuloader.checks import torch_dtype
+from gpuloader.checks import index_vector, torch_dtype
 from gpuloader.errors import (ArgumentError, ArgumentTypeError, FieldNotFoundError,
                               SampleIndexError, SourceError, SourceNotFoundError, describe)
 from gpuloader.sources.arrays import ArraysSource
@@ -237,12 +237,11 @@ class ArrayDataset(torch.utils.data.Dataset):
     def _normalize(self, indices: Any) -> np.ndarray:
         if isinstance(indices, torch.Tensor):
             indices = indices.detach().cpu().numpy()
-        idx = np.asarray(indices)
-        if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
+        idx, ok = index_vector(indices)
+        if not ok:
             raise ArgumentTypeError(
                 f"indices must be a 1-D sequence of ints, got {describe(indices)} (shape "
                 f"{idx.shape}, dtype {idx.dtype}); for one sample use dataset[i]")
-        idx = idx.astype(np.int64, copy=False)
         n = len(self)
         if idx.size:
             bad = idx[(idx < -n) | (idx >= n)]

@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
-from gpuloader.cliargs import non_negative_int, positive_int, positive_ints
+from gpuloader.cliargs import non_negative_int, positive_int, positive_ints, table
 from gpuloader.stats import rates
 
 __all__ = ["DemoData", "cache_root", "demo_data", "add_arguments", "main"]
@@ -368,16 +368,6 @@ def _run_torch(data: DemoData, fmt: str, args: argparse.Namespace, device: Any,
     return result
 
 
-def _table(rows: List[Tuple[str, ...]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = []
-    for k, row in enumerate(rows):
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-        if k == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def summary(results: List[_Result], epochs: int = 1, max_batch_size: Optional[int] = None) -> str:
     """The comparison table printed at the end of the demo (gpuloader ran ``epochs``, with
     ``batch_size="auto"`` bounded by ``max_batch_size``)."""
@@ -405,7 +395,7 @@ def summary(results: List[_Result], epochs: int = 1, max_batch_size: Optional[in
         row("time", lambda r: f"{r.elapsed_s:.1f} s"),
         row("loss first -> last", lambda r: f"{r.first_loss:.3f} -> {r.last_loss:.3f}"),
     ]
-    text = _table(rows)
+    text = table(rows, rule=True)
     if len(results) > 1 and results[1].samples_per_s > 0:
         ratio = results[0].samples_per_s / results[1].samples_per_s
         text += (f"\n\ngpuloader read and trained {ratio:.1f}x as many samples per second as "

@@ -21,6 +21,7 @@ from torch.utils.data import Sampler
 
 from gpuloader.adaptive import AdaptiveBatch
 from gpuloader.epoch import EpochCursor, OrderSpec
+from gpuloader.errors import ArgumentError
 from gpuloader.stats import LoaderStats
 from gpuloader.streams import LEAF_TYPES as _LEAF
 
@@ -230,3 +231,28 @@ class GenericEpochIterator(EpochCursor):
         it, self._it = self._it, None
         if it is not None and hasattr(it, "_shutdown_workers") and not self.keep_workers:
             it._shutdown_workers()
+
+
+def start_generic_epoch(torch_iter: Callable[[], Iterator[Any]], sampler: Any,
+                        batch_sampler: Any, epoch: int, start: int, step: Optional[int], *,
+                        sizing: Optional[AdaptiveBatch], copy: Optional[Callable[[Any], Any]],
+                        stats: LoaderStats, keep_workers: bool) -> GenericEpochIterator:
+    """Epoch ``epoch`` of torch's machinery from position ``start``: the loader's ``sampler``
+    and ``batch_sampler`` are set up first, then ``torch_iter()`` (torch's ``__iter__``) made.
+    With ``step`` (``accumulate``) batches never straddle a multiple of it."""
+    if isinstance(sampler, OrderSampler):
+        sampler.epoch = epoch
+    sized = isinstance(batch_sampler, SizedBatchSampler)
+    if sized:
+        batch_sampler.skip = start
+        batch_sampler.step = step
+    elif step is not None:
+        raise ArgumentError("accumulate() needs gpuloader to form the batches; it cannot "
+                            "be combined with a user batch_sampler on this dataset")
+    iterator = GenericEpochIterator(torch_iter(), epoch, start if sized else 0, sizing=sizing,
+                                    copy=copy, stats=stats, keep_workers=keep_workers)
+    if sized and hasattr(sampler, "__len__"):
+        iterator.total = len(sampler)
+    while iterator.position < start:  # deterministic samplers only: replay up to start
+        next(iterator)
+    return iterator

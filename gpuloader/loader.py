@@ -32,18 +32,19 @@ import torch.utils.data as tud
 from gpuloader import adaptive
 from gpuloader.adaptive import AdaptiveBatch, planned_size
 from gpuloader.allocator import StepMemory
-from gpuloader.arguments import BatchSize, check_batch_size, check_combination
+from gpuloader.arguments import (BatchSize, check_batch_size, check_combination,
+                                 check_state_layout)
 from gpuloader.buffers import ring_slots
 from gpuloader.checks import check_loader_options, int_at_least
 from gpuloader.devices import DeviceArg, resolve_device
 from gpuloader.epoch import EpochTracker, OrderSpec
 from gpuloader.ecosystem import FrameworkHooks
-from gpuloader.errors import ArgumentError, ArgumentTypeError, describe
+from gpuloader.errors import ArgumentError
 from gpuloader.fastpath import FastEpochIterator, FastPath
 from gpuloader.generic import (GenericEpochIterator, OrderSampler, SizedBatchSampler,
-                               sample_nbytes_of)
+                               sample_nbytes_of, start_generic_epoch)
 from gpuloader.planning import (CostModel, FreeMemory, SizerConfig, SizingOptions,
-                                check_budget_fits, warn_whole_dataset)
+                                warn_whole_dataset)
 from gpuloader.probes import HostProbe, probe_for, validate_memory_budget
 from gpuloader.stats import LoaderStats
 from gpuloader.streams import StreamCopier, use_on_stream
@@ -181,10 +182,16 @@ class DataLoader(FrameworkHooks, tud.DataLoader[T_co]):
                 batch_sampler is None:
             _replace_guarded(self, "sampler", OrderSampler(self._order))
         self._free = FreeMemory(probe_for(self.device or torch.device("cpu"), self.memory_budget))
-        self._sizer_config = _sizer_config(dataset, self._view, self._order,
-                                           ring_slots(self.prefetch_depth), options,
-                                           self._memory is not None)
-        self._sizing = self._make_sizing(batch_size, options)
+        self._sizer_config = _sizer_config(dataset, self._view, self._order, ring_slots(
+            self.prefetch_depth), options, self._memory is not None)
+        # The live size, unless torch's batch_sampler, the dataset, or batch_size=None set the
+        # sizes (torch's batch_size is None with a batch_sampler).
+        self._sizing = None if batch_size is None or isinstance(dataset, tud.IterableDataset) \
+            or batch_sampler is not None else AdaptiveBatch.make(
+                batch_size, options=options, config=self._sizer_config, free=self._free,
+                world=self._world, stats=self._stats, device=self.device,
+                budget=self.memory_budget,
+                max_tokens=self._tokens.options.max_tokens if self._tokens is not None else None)
         if self._sizing is not None and self._sizing.auto and max_batch_size is None:
             warn_whole_dataset(self._sizing.current, len(dataset), self.device)
         if self._view is None and self._sizing is not None and batch_sampler is None:
@@ -202,24 +209,6 @@ class DataLoader(FrameworkHooks, tud.DataLoader[T_co]):
                 num_workers=num_workers, context=self.multiprocessing_context,
                 pin=bool(self.pin_memory) and torch.cuda.is_available() and not cuda,
                 reuse_buffers=self.reuse_buffers, collate=collate_fn, ragged=self._ragged)
-
-    def _make_sizing(self, batch_size: BatchSize,
-                     options: SizingOptions) -> Optional[AdaptiveBatch]:
-        """The live size, unless torch's batch_sampler, the dataset, or batch_size=None set the
-        sizes (torch's batch_size is None with a batch_sampler)."""
-        if batch_size is None or isinstance(self.dataset, tud.IterableDataset) or \
-                self._user_batch_sampler is not None:
-            return None
-        auto = batch_size == "auto"
-        if auto and self.memory_budget is not None and self._tokens is None:
-            check_budget_fits(self.memory_budget, self._sizer_config())
-        target = planned_size(self._free, self._sizer_config(), self._world) if auto else \
-            int(batch_size)  # type: ignore[arg-type]
-        if self._tokens is not None:  # the live size is max_tokens (NOTE(token-budget-size))
-            target = self._tokens.options.max_tokens
-        return AdaptiveBatch(target, auto=auto, options=options, config=self._sizer_config,
-                             free=self._free, world=self._world, stats=self._stats,
-                             device=self.device, tokens=self._tokens is not None)
 
     # ------------------------------------------------------------------ live attributes
     @property  # type: ignore[override]
@@ -308,10 +297,9 @@ class DataLoader(FrameworkHooks, tud.DataLoader[T_co]):
             return iterator
 
     def _draw_torch_base_seed(self) -> None:
-        """Consume torch's RNG as torch's own iterator does at each epoch start (one int64 from
-        ``generator``, or the global RNG; once only with persistent workers), so samplers that
-        draw from the same RNG — and the rest of the program — see the numbers they would
-        with torch's DataLoader."""
+        """Draw from torch's RNG as torch's iterator does at each epoch start (one int64 from
+        ``generator`` or the global RNG; once with persistent workers): samplers sharing it, and
+        the rest of the program, see the numbers they would with torch's DataLoader."""
         if self.persistent_workers and self._base_seed_drawn:
             return
         self._base_seed_drawn = True
@@ -319,26 +307,11 @@ class DataLoader(FrameworkHooks, tud.DataLoader[T_co]):
 
     def _generic_iterator(self, epoch: int, start: int,
                           step: Optional[int]) -> GenericEpochIterator:
-        if isinstance(self.sampler, OrderSampler):
-            self.sampler.epoch = epoch
-        sized = isinstance(self.batch_sampler, SizedBatchSampler)
-        if sized:
-            self.batch_sampler.skip = start
-            self.batch_sampler.step = step
-        elif step is not None:
-            raise ArgumentError("accumulate() needs gpuloader to form the batches; it cannot "
-                                "be combined with a user batch_sampler on this dataset")
         if self._copier is None and self.device is not None and self.device.type == "cuda":
             self._copier = StreamCopier(self.device)
-        iterator = GenericEpochIterator(super().__iter__(), epoch, start if sized else 0,
-                                        sizing=self._sizing, copy=self._copier,
-                                        stats=self._stats,
-                                        keep_workers=self.persistent_workers)
-        if sized and hasattr(self.sampler, "__len__"):
-            iterator.total = len(self.sampler)
-        while iterator.position < start:  # deterministic samplers only: replay up to start
-            next(iterator)
-        return iterator
+        return start_generic_epoch(super().__iter__, self.sampler, self.batch_sampler, epoch,
+                                   start, step, sizing=self._sizing, copy=self._copier,
+                                   stats=self._stats, keep_workers=self.persistent_workers)
 
     def _fast_iterator(self, epoch: int, start: int, step: Optional[int]) -> FastEpochIterator:
         # torch calls iter(batch_sampler) before it draws its base seed, and iterates a sampler
@@ -409,24 +382,7 @@ class DataLoader(FrameworkHooks, tud.DataLoader[T_co]):
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Resume from :meth:`state_dict` output: the next iteration continues that epoch.
         Everything is checked before anything changes."""
-        if not isinstance(state, dict):
-            raise ArgumentError(f"state must be a dict from gpuloader.DataLoader.state_dict() "
-                                f"(version {STATE_VERSION}), got {describe(state)}")
-        version = state.get("version")
-        if version != STATE_VERSION:
-            raise ArgumentError(
-                f"state has version {describe(version)}, but this gpuloader reads state version "
-                f"{STATE_VERSION} only (version 1 orders differ, so resuming would deliver other "
-                "samples; version 2 was not nested by owner); start the epoch over with "
-                "set_epoch() instead")
-        missing = [k for k in ("cursor", "order", "sizing") if k not in state]
-        if missing:
-            raise ArgumentError(f"state is missing {', '.join(map(repr, missing))}; pass the "
-                                "dict gpuloader.DataLoader.state_dict() returned")
-        for key in ("cursor", "order"):
-            if not isinstance(state[key], dict):
-                raise ArgumentTypeError(f"state[{key!r}] must be a dict, got "
-                                        f"{describe(state[key])}")
+        check_state_layout(state, STATE_VERSION)
         EpochTracker.check_state(state["cursor"])
         self._order.check_state(state["order"])
         sizing = state["sizing"] if self._sizing is not None else None

@@ -397,7 +397,6 @@ class _Run:
                         # to the start of the step and zeroes the gradients, so the step's
                         # micro-batches come again; forget what they added.
                         failed = True
-                        self.sums.oom_count += 1
                         step_loss.zero_()
                         step_samples = 0
                         continue
@@ -448,6 +447,7 @@ class _Run:
         s.steps = self.step
         s.bytes += samples * self.sample_nbytes
         s.wait_s += float(st["wait_s"])
+        s.oom_count += int(st["oom_count"])  # the loader counts rollbacks: one counter
         s.elapsed_s += time.perf_counter() - started
 
     def _should_stop(self) -> bool:

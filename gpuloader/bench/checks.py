@@ -8,6 +8,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from gpuloader.devices import resolve_device as _resolve
 from gpuloader.errors import ArgumentError, ArgumentTypeError, describe
 
 
@@ -71,20 +72,10 @@ def worker_counts(num_workers: Optional[Union[int, Sequence[int]]]) -> List[int]
 
 def resolve_device(device: Optional[Union[str, torch.device]]) -> Tuple[torch.device,
                                                                           Optional[str]]:
-    """``(torch.device, the argument for gpuloader.DataLoader)``; None means CPU batches."""
+    """``(torch.device, the argument for gpuloader.DataLoader)``; None means CPU batches.
+    A device that is absent, or CUDA without CUDA, is gpuloader's DeviceError."""
     if device is None:
         return torch.device("cpu"), None
-    text = str(device)
-    if text == "auto":
-        text = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        resolved = torch.device(text)
-    except RuntimeError:
-        raise ArgumentError(
-            f"device must be None, 'auto', 'cpu' or 'cuda[:N]', got {describe(device)}"
-        ) from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ArgumentError(f"device={text!r} needs CUDA, which is not available; use 'cpu'")
-    if resolved.type == "cuda" and resolved.index is None:
-        resolved = torch.device("cuda", torch.cuda.current_device())
-    return resolved, text
+    resolved = _resolve(device)
+    assert resolved is not None  # only None resolves to None
+    return resolved, str(resolved)

@@ -22,6 +22,7 @@ from typing import (Callable, Dict, Generic, Mapping, Optional, Protocol, Sequen
 
 import numpy as np
 
+from gpuloader.checks import index_vector
 from gpuloader.errors import (ArgumentError, ArgumentTypeError, FieldNotFoundError,
                               SampleIndexError, SourceError, describe)
 
@@ -156,12 +157,11 @@ class RowPlan:
     __slots__ = ("indices", "segments", "_sorted")
 
     def __init__(self, indices: np.ndarray, length: int) -> None:
-        idx = np.asarray(indices)
-        if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
+        idx, ok = index_vector(indices)
+        if not ok:
             raise ArgumentError(
                 f"read_into: indices must be a 1-D integer array, got shape {idx.shape} "
                 f"and dtype {idx.dtype}")
-        idx = idx.astype(np.int64, copy=False)
         self.indices = idx
         self._sorted: Optional[bool] = None
         n = len(idx)

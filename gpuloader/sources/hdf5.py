@@ -244,16 +244,6 @@ class Hdf5Source:
         return self._fields
 
     @property
-    def datasets(self) -> Mapping[str, str]:
-        """Field name -> dataset path in the file."""
-        return {n: p.key for n, p in self._plans.items()}
-
-    @property
-    def plans(self) -> Mapping[str, Hdf5Field]:
-        """Field name -> storage facts and read path."""
-        return self._plans
-
-    @property
     def storage(self) -> Mapping[str, StorageInfo]:
         """Field name -> StorageInfo (layout, compression, chunk rows, read path)."""
         return {n: StorageInfo("hdf5", p.layout, p.read_path, path=self.path, key=p.key,

@@ -228,11 +228,6 @@ class NpySource:
         return self._fields
 
     @property
-    def files(self) -> Mapping[str, FlatFile]:
-        """Field name -> where its bytes are."""
-        return self._files
-
-    @property
     def storage(self) -> Mapping[str, StorageInfo]:
         """Field name -> StorageInfo (format "npy" or "raw", read through a memory map)."""
         return {n: StorageInfo(f.format, "contiguous", "memmap", path=f.path)
