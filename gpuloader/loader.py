@@ -343,11 +343,12 @@ class DataLoader(FrameworkHooks, tud.DataLoader[T_co]):
     # ------------------------------------------------------------------ gpuloader API
     def stats(self) -> Dict[str, Any]:
         """Counters since construction (or ``stats_reset()``): samples, batches, bytes,
-        seconds waited / reading / copying, stall fraction, rates, batch-size history, and
+        seconds waited / reading / copying, stall fraction, rates, batch-size history,
+        ``max_tokens`` (the live token budget, None unless batching by tokens), and
         ``oom_count``, the out-of-memory rollbacks."""
         snap = self._stats.snapshot()
         snap["path"] = self.path
-        snap["batch_size"] = self.batch_size
+        snap["batch_size"], snap["max_tokens"] = self.batch_size, self.max_tokens
         # NOTE(user-peak) in allocator.py: the peak torch would report without guard resets.
         snap["max_memory_allocated"] = self._memory.max_memory_allocated() \
             if self._memory is not None else None

@@ -53,6 +53,8 @@ def test_padded_batches_fit_the_budget_and_cover_the_epoch(data):
         batches += 1
     assert sorted(seen) == list(range(len(lengths)))
     assert batches == len(loader)
+    stats = loader.stats()
+    assert stats["max_tokens"] == 600 and stats["samples"] == len(lengths)
 
 
 def test_over_long_samples_travel_alone(data):
