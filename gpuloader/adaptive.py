@@ -17,7 +17,7 @@ from __future__ import annotations
 import gc
 import traceback
 import warnings
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Tuple
 
 import torch
 
@@ -29,6 +29,7 @@ from gpuloader.planning import (CostModel, FreeMemory, SizerConfig, SizingOption
                                 check_budget_fits, plan_batch_size)
 from gpuloader.sizing import SizeController
 from gpuloader.stats import LoaderStats
+from gpuloader.tokenplan import TokenPlanner
 from gpuloader.world import World
 
 REPLAN_STEPS = 16  # successful guarded steps between re-plans from the learned cost
@@ -87,6 +88,10 @@ class AdaptiveBatch:
         self.world = world
         #: Set by ``accumulate`` while a step runs: where that step's samples start.
         self.step_start: Optional[int] = None
+        #: batch_size="auto" on ragged fields: the per-shape planner (tokenplan.py) and the
+        #: padded length the token budget is re-planned at (the median sample's).
+        self.planner: Optional[TokenPlanner] = None
+        self.reference_length: Optional[int] = None
         self._guarded_steps = 0  # successful oom_guard steps (NOTE(learned-cost))
         self._warned_unzeroed = False
 
@@ -103,7 +108,7 @@ class AdaptiveBatch:
             check_budget_fits(budget, config())
         target = planned_size(free, config(), world) if auto else int(batch_size)  # type: ignore
         if max_tokens is not None:  # the live size is max_tokens (NOTE(token-budget-size))
-            target = max_tokens
+            target = world.min(max_tokens) if auto else max_tokens  # ranks plan alike
         return cls(target, auto=auto, options=options, config=config, free=free, world=world,
                    stats=stats, device=device, tokens=max_tokens is not None)
 
@@ -134,13 +139,22 @@ class AdaptiveBatch:
         return planned_size(self.free, self.config, self.world, self.cost_model)
 
     def roll_back(self, cursor: EpochCursor, start: int, length: int, *,
-                  whole_step: bool) -> None:
-        """After an out-of-memory error in the batch ``[start, start + length)``: shrink (agreed
-        over ranks) and rewind ``cursor`` to ``start`` — or to the start of the running
-        ``accumulate`` step with ``whole_step`` (NOTE(exactly-once)).  ValueError when the
-        batch is already at the smallest size."""
+                  whole_step: bool, shape: Optional[Tuple[int, int]] = None) -> None:
+        """After an out-of-memory error in the batch ``[start, start + length)`` (of ``shape``
+        ``(samples, padded length)`` for ragged batches): shrink (agreed over ranks) and rewind
+        ``cursor`` to ``start`` — or to the start of the running ``accumulate`` step with
+        ``whole_step`` (NOTE(exactly-once)).  ValueError when the batch is already at the
+        smallest size."""
         rewind_to = self.step_start if whole_step and self.step_start is not None else start
         predicted = None
+        if self.planner is not None:  # "auto" tokens: halve that shape (NOTE(shape-caps))
+            batch, padded = shape if shape is not None else (length, 1)
+            if batch <= 1 and self.world.world_size > 1:
+                batch = 2  # another rank failed: this rank's one sample stays one
+            self.planner.on_oom(batch, padded)
+            self.stats.add_rollback(cursor.position - rewind_to)
+            cursor.rewind(rewind_to)
+            return
         if self.tokens:  # NOTE(token-budget-size)
             if length <= 1 and self.world.world_size == 1:  # ranks converge to the floor
                 raise ValueError("a batch of one sample does not fit in memory (max_tokens "
@@ -154,7 +168,8 @@ class AdaptiveBatch:
         self.stats.add_rollback(cursor.position - rewind_to)
         cursor.rewind(rewind_to)
 
-    def step_succeeded(self, size: int) -> None:
+    def step_succeeded(self, size: int, shape: Optional[Tuple[int, int]] = None,
+                       peak: Optional[int] = None) -> None:
         """A guarded step of ``size`` samples finished: the size may grow after a cooldown.
 
         NOTE(learned-cost): with ``batch_size="auto"`` on CUDA, once the cost model has a fit of
@@ -164,6 +179,16 @@ class AdaptiveBatch:
         """
         self.controller.on_success(self.controller.current if self.tokens else size)
         self._guarded_steps += 1
+        if self.planner is not None:
+            batch, padded = shape if shape is not None else (size, 1)
+            self.planner.on_success(batch, padded, peak)
+            if self.auto and self._guarded_steps % REPLAN_STEPS == 0 and \
+                    self.reference_length is not None:
+                tokens = self.planner.replan(self.reference_length)  # None before a fit
+                own = self.capacity if tokens is None else min(self.capacity, tokens)
+                # a collective on every rank: the step count is the same everywhere
+                self.controller.set_target(self.world.min(own))
+            return
         if self.auto and self.cost_model.has_fit and self._guarded_steps % REPLAN_STEPS == 0:
             self.controller.set_target(min(self.capacity, self.plan()))
 
@@ -226,6 +251,7 @@ class OomGuard:
         self.failed = False
         self._batch_start = 0
         self._batch_length = 0
+        self._shape: Optional[Tuple[int, int]] = None
 
     def __enter__(self) -> "OomGuard":
         cursor = self.epochs.active
@@ -233,6 +259,9 @@ class OomGuard:
             raise RuntimeError("oom_guard() must be used inside a loop over the loader, "
                                "after a batch was delivered")
         self._batch_start, self._batch_length = cursor.last_start, cursor.last_length
+        shape_of = getattr(cursor, "span_shape", None)  # ragged batches: (samples, length)
+        self._shape = shape_of(self._batch_start, self._batch_length) \
+            if shape_of is not None and self._batch_length > 0 else None
         if self.memory is not None:
             self.memory.begin()  # resets torch's peak only when learning (NOTE(user-peak))
         return self
@@ -243,8 +272,8 @@ class OomGuard:
             return False  # any other exception passes through untouched
         if not self.world.any(oom):
             if self.sizing is not None:
-                self._learn_cost(self.sizing)
-                self.sizing.step_succeeded(self._batch_length)
+                peak = self._learn_cost(self.sizing)
+                self.sizing.step_succeeded(self._batch_length, self._shape, peak)
             return False
         if exc is not None:
             # A live traceback pins the failed step's tensors: clear its finished frames before
@@ -270,7 +299,7 @@ class OomGuard:
                 raise ValueError("this loader has no batch size to shrink (batch_size=None, a "
                                  "batch_sampler, or an IterableDataset)")
             self.sizing.roll_back(cursor, self._batch_start, self._batch_length,
-                                  whole_step=self.optimizer is not None)
+                                  whole_step=self.optimizer is not None, shape=self._shape)
         except ValueError as too_small:
             if exc is None:
                 raise torch.cuda.OutOfMemoryError(
@@ -283,7 +312,7 @@ class OomGuard:
         self.failed = True
         return True
 
-    def _learn_cost(self, sizing: AdaptiveBatch) -> None:
+    def _learn_cost(self, sizing: AdaptiveBatch) -> Optional[int]:
         # Memory the step left allocated (optimizer state made by the first step, gradients kept
         # until the next zero_grad, ...) is not a per-step cost: every later plan's free-memory
         # probe already sees it as used.  Counting it would inflate the fit — on the slope when
@@ -291,8 +320,9 @@ class OomGuard:
         # step's Adam state / 6 per sample) — and collapse the re-planned "auto" size.
         # StepMemory.step_peak leaves it out; it is None unless learning (batch_size="auto").
         peak = self.memory.step_peak() if self.memory is not None else None
-        if peak is not None and self._batch_length > 0:
+        if peak is not None and self._batch_length > 0 and self._shape is None:
             sizing.learn(self._batch_length, peak)
+        return peak
 
 
 class Step:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Deque, Dict, Iterator, Optional
+from typing import Any, Callable, Deque, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -138,13 +138,21 @@ class FastEpochIterator(EpochCursor):
         kept while the budget holds (NOTE(agreed-split) in tokens.py)."""
         stop = int(self._boundaries[np.searchsorted(self._boundaries, pos, side="right")])
         live = self.res.sizing.current  # the live max_tokens
+        planner = self.res.tokens.planner
         key, starts, parts = self._parts
-        if key != (stop, live) or pos not in starts:
+        if key != (stop, live, planner.revision if planner else 0) or pos not in starts:
             parts = self.res.tokens.parts(self._order_lengths, pos, stop, live,
                                           getattr(self.res.sizing, "world", None))
             starts = [pos] + parts[:-1]
-            self._parts = ((stop, live), starts, parts)
+            self._parts = ((stop, live, planner.revision if planner else 0), starts, parts)
         return parts[starts.index(pos)]
+
+    def span_shape(self, start: int, length: int) -> Optional[Tuple[int, int]]:
+        """``(samples, padded length)`` of the token-budget batch ``[start, start + length)``
+        of this epoch's order; None for fixed-size batches (``oom_guard`` reads it)."""
+        if self._order_lengths is None or self.res.tokens is None:
+            return None
+        return self.res.tokens.span_shape(self._order_lengths, start, length)
 
     def _indices(self, start: int, length: int) -> np.ndarray:
         if self.res.readahead is not None:

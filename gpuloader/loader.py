@@ -48,6 +48,7 @@ from gpuloader.planning import (CostModel, FreeMemory, SizerConfig, SizingOption
 from gpuloader.probes import HostProbe, probe_for, validate_memory_budget
 from gpuloader.stats import LoaderStats
 from gpuloader.streams import StreamCopier, use_on_stream
+from gpuloader.tokenplan import check_token_bytes_use, planner_factory, validate_token_bytes
 from gpuloader.tokens import RaggedWiring, TokenEpochs
 from gpuloader.views import ArrayView, array_view
 from gpuloader.world import World
@@ -93,6 +94,8 @@ class DataLoader(FrameworkHooks, tud.DataLoader[T_co]):
     - ``reader_threads``: fast-path reader threads (default: half the CPUs, 1 to 4).
     - ``memory_fraction``, ``memory_budget`` (bytes), ``sample_bytes`` (bytes one sample costs in
       the step), ``min_batch_size``, ``max_batch_size``: how ``batch_size="auto"`` is sized.
+      On a dataset with a ragged field "auto" plans ``max_tokens``; ``token_bytes`` (bytes one
+      padded token costs in the step) plays the part of ``sample_bytes`` (tokenplan.py).
     - ``seed``: the order's seed (default: drawn once from ``generator`` or torch's RNG).
     - ``distributed``: shard every epoch over the initialised torch.distributed group.
     - ``reuse_buffers``: device batches are views of staging slots (see the module docstring).
@@ -126,7 +129,7 @@ class DataLoader(FrameworkHooks, tud.DataLoader[T_co]):
                  seed: Optional[int] = None, distributed: bool = False,
                  reuse_buffers: bool = True, max_tokens: Optional[int] = None,
                  pad_value: Any = 0, pad_to_multiple_of: int = 1, packed: bool = False,
-                 bucket_window: Optional[int] = None) -> None:
+                 bucket_window: Optional[int] = None, token_bytes: int = 0) -> None:
         batch_size = check_batch_size(batch_size)
         check_loader_options(num_workers=num_workers, prefetch_depth=prefetch_depth,
                              reuse_buffers=reuse_buffers)
@@ -153,6 +156,7 @@ class DataLoader(FrameworkHooks, tud.DataLoader[T_co]):
         self.memory_fraction, self.sample_bytes = options.memory_fraction, options.sample_bytes
         self.min_batch_size, self.max_batch_size = options.min_batch_size, options.max_batch_size
         self.reuse_buffers = bool(reuse_buffers)
+        self.token_bytes = validate_token_bytes(token_bytes)
         self._world = World.detect(bool(distributed), device=self.device)
         self._stats = LoaderStats()
         self._lock = threading.RLock()
@@ -167,11 +171,15 @@ class DataLoader(FrameworkHooks, tud.DataLoader[T_co]):
         if batch_size is not None and not isinstance(dataset, tud.IterableDataset) and not (
                 num_workers > 0 and worker_init_fn is not None):
             self._view = array_view(dataset)
+        self._free = FreeMemory(probe_for(self.device or torch.device("cpu"), self.memory_budget))
         self._ragged = RaggedWiring.build(
             dataset, self._view, batch_size=batch_size, sampler=sampler,
             batch_sampler=batch_sampler, collate_fn=collate_fn, max_tokens=max_tokens,
             pad_value=pad_value, pad_to_multiple_of=pad_to_multiple_of, packed=packed,
-            bucket_window=bucket_window)
+            bucket_window=bucket_window, max_samples=max_batch_size,
+            planner=planner_factory(self._free, options, self.token_bytes,
+                                    ring_slots(self.prefetch_depth), self.memory_budget))
+        check_token_bytes_use(self.token_bytes, batch_size, ragged=self._ragged is not None)
         self._tokens = self._ragged.epochs if self._ragged is not None else None
         self._order = OrderSpec.make(
             order, shuffle=shuffle, seed=seed, generator=generator, world=self._world,
@@ -181,7 +189,6 @@ class DataLoader(FrameworkHooks, tud.DataLoader[T_co]):
         if self._order.seed is not None and self._view is None and sampler is None and \
                 batch_sampler is None:
             _replace_guarded(self, "sampler", OrderSampler(self._order))
-        self._free = FreeMemory(probe_for(self.device or torch.device("cpu"), self.memory_budget))
         self._sizer_config = _sizer_config(dataset, self._view, self._order, ring_slots(
             self.prefetch_depth), options, self._memory is not None)
         # The live size, unless torch's batch_sampler, the dataset, or batch_size=None set the
@@ -192,7 +199,9 @@ class DataLoader(FrameworkHooks, tud.DataLoader[T_co]):
                 world=self._world, stats=self._stats, device=self.device,
                 budget=self.memory_budget,
                 max_tokens=self._tokens.options.max_tokens if self._tokens is not None else None)
-        if self._sizing is not None and self._sizing.auto and max_batch_size is None:
+        if self._tokens is not None and self._sizing is not None:
+            self._tokens.agree(self._sizing)  # NOTE(auto-tokens) in tokenplan.py
+        elif self._sizing is not None and self._sizing.auto and max_batch_size is None:
             warn_whole_dataset(self._sizing.current, len(dataset), self.device)
         if self._view is None and self._sizing is not None and batch_sampler is None:
             # Replace torch's fixed-size BatchSampler by one that reads the live size, so

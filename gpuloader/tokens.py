@@ -23,8 +23,8 @@ resume of NOTE(cursor) in epoch.py hold unchanged.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, replace
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -36,6 +36,7 @@ from gpuloader.order import epoch_order
 from gpuloader.padding import RaggedLayout
 from gpuloader.sources.base import Source
 from gpuloader.sources.ragged import ragged_names
+from gpuloader.tokenplan import TokenPlanner, staging_bytes_per_token
 
 
 def _positive(name: str, value: object, *, allow_none: bool) -> Optional[int]:
@@ -81,11 +82,12 @@ class RaggedOptions:
                 raise ArgumentError(f"{given[0]} needs {what}; {have}; use batch_size= for "
                                     f"fixed-size samples")
             return None
-        if batch_size == "auto" or batch_size is None:
+        if batch_size is None:
             raise ArgumentError(
-                f"batch_size={batch_size!r} on a dataset with ragged fields {list(ragged)}: "
-                f"give max_tokens=<int> (padded tokens per batch) and optionally an int "
-                f"batch_size as a cap on samples per batch")
+                f"batch_size=None on a dataset with ragged fields {list(ragged)}: give "
+                f'batch_size="auto" (max_tokens planned from memory, NOTE(auto-tokens) in '
+                f"tokenplan.py) or max_tokens=<int> (padded tokens per batch) and optionally "
+                f"an int batch_size as a cap on samples per batch")
         for name, dtype in (dtypes or {}).items():
             try:
                 ok = np.array(pad_value).astype(dtype) == np.array(pad_value)
@@ -95,7 +97,8 @@ class RaggedOptions:
                 raise ArgumentError(f"pad_value={describe(pad_value)} cannot be stored in "
                                     f"ragged field {name!r} of dtype {np.dtype(dtype)}; give a "
                                     f"value that dtype holds exactly, e.g. pad_value=0")
-        cap = None if max_tokens is not None and batch_size == 1 else int(batch_size)
+        cap = None if batch_size == "auto" or (max_tokens is not None and batch_size == 1) \
+            else int(batch_size)
         return RaggedOptions(max_tokens, pad_value, multiple, bool(packed), window, cap)
 
 
@@ -119,11 +122,27 @@ class TokenEpochs:
         self.options = options
         self.lengths = np.ascontiguousarray(lengths, dtype=np.int64)
         self.plan_tokens = options.max_tokens
+        #: batch_size="auto": per-shape caps from memory (NOTE(shape-caps) in tokenplan.py).
+        self.planner: Optional[TokenPlanner] = None
         self._last: Optional[Tuple[tuple, Tuple[np.ndarray, np.ndarray]]] = None  # one plan
 
     def budget(self, tokens: int) -> TokenBudget:
         """A TokenBudget of ``tokens`` with this loader's rounding and sample cap."""
         return TokenBudget(int(tokens), self.options.multiple, self.options.max_samples)
+
+    def agree(self, sizing: Any) -> None:
+        """Wire ``batch_size="auto"``'s planner into the live size ``sizing`` (AdaptiveBatch):
+        epochs are planned with its budget, agreed over ranks (the minimum)."""
+        if self.planner is not None:
+            self.plan_tokens = sizing.current
+            sizing.planner = self.planner
+            sizing.reference_length = self.reference_length()
+
+    def reference_length(self) -> int:
+        """The median sample's padded length: where ``auto`` re-plans the token budget."""
+        if len(self.lengths) == 0:
+            return 1
+        return self.budget(1).padded(int(np.median(self.lengths)))
 
     def window(self) -> int:
         """Samples per bucket window (``bucket_window`` or NOTE(length-buckets)'s default)."""
@@ -168,8 +187,12 @@ class TokenEpochs:
         return positions, ends, self.lengths[positions]
 
     def state_dict(self) -> dict:
-        """``{"plan_tokens"}``: the budget this loader's epochs are planned with."""
-        return {"plan_tokens": self.plan_tokens}
+        """``{"plan_tokens"}``: the budget this loader's epochs are planned with, and under
+        ``batch_size="auto"`` ``"planner"``, the shape caps (tokenplan.py)."""
+        state: dict = {"plan_tokens": self.plan_tokens}
+        if self.planner is not None:
+            state["planner"] = self.planner.state_dict()
+        return state
 
     @staticmethod
     def check_state(state: object) -> None:
@@ -182,6 +205,8 @@ class TokenEpochs:
     def load_state_dict(self, state: dict) -> None:
         """Plan epochs with the saved budget, so a resumed epoch has the same batches."""
         self.plan_tokens = int(state["plan_tokens"])
+        if self.planner is not None and state.get("planner") is not None:
+            self.planner.load_state_dict(state["planner"])
 
     def parts(self, order_lengths: np.ndarray, pos: int, stop: int, live: int,
               world: Any) -> List[int]:
@@ -192,14 +217,34 @@ class TokenEpochs:
         ends: List[int] = []
         p = pos
         while p < stop:
-            p = cut(order_lengths, p, stop, budget)
+            p = self._capped(order_lengths, p, cut(order_lengths, p, stop, budget))
             ends.append(p)
+        shrunk = self.planner is not None and self.planner.active
         if world is None or world.world_size == 1 or not world.use_collectives or \
-                self.plan_tokens is None or live >= self.plan_tokens:
+                self.plan_tokens is None or (live >= self.plan_tokens and not shrunk):
             return ends  # a planned batch fits its plan budget: one part on every rank
         need, samples = len(ends), stop - pos
         count = min(-world.min(-need), world.min(samples))
         return _split_in(pos, stop, ends, count)
+
+
+    def _capped(self, order_lengths: np.ndarray, start: int, end: int) -> int:
+        """``end`` lowered so the batch ``[start, end)`` holds no more samples than the
+        planner's cap for its padded length (NOTE(shape-caps)); at least one sample."""
+        if self.planner is None or end - start <= 1:
+            return end
+        running = np.maximum.accumulate(order_lengths[start:end])
+        m = self.options.multiple
+        caps = self.planner.caps(np.maximum(1, -(-running // m) * m))
+        if caps is None:
+            return end
+        fits = np.arange(1, end - start + 1) <= caps  # True, then False: caps only fall
+        return start + max(1, int(np.count_nonzero(fits)))
+
+    def span_shape(self, order_lengths: np.ndarray, start: int, length: int) -> Tuple[int, int]:
+        """``(samples, padded length)`` of the batch ``[start, start + length)`` of an order."""
+        longest = int(order_lengths[start:start + length].max()) if length > 0 else 1
+        return length, self.budget(1).padded(longest)
 
 
 def _split_in(pos: int, stop: int, ends: List[int], count: int) -> List[int]:
@@ -246,10 +291,13 @@ class RaggedWiring:
 
     @staticmethod
     def build(dataset: Any, view: Any, *, batch_size: Any, sampler: Any, batch_sampler: Any,
-              collate_fn: Any, **options: Any) -> Optional["RaggedWiring"]:
+              collate_fn: Any, planner: Optional[Callable[[int], TokenPlanner]] = None,
+              max_samples: Optional[int] = None, **options: Any) -> Optional["RaggedWiring"]:
         """Check the options (``max_tokens``, ``pad_value``, ``pad_to_multiple_of``,
         ``packed``, ``bucket_window``) against ``dataset`` and its fast-path ``view`` (None
-        when the dataset is not read in batches); None for fixed-size datasets."""
+        when the dataset is not read in batches); None for fixed-size datasets.  Under
+        ``batch_size="auto"``, ``planner(staging bytes per token)`` makes the TokenPlanner
+        that plans ``max_tokens`` (at most the one given; ``max_samples`` caps samples)."""
         fields = view.fields if view is not None else None
         ragged = ragged_names(fields) if fields is not None else []
         if view is None and getattr(dataset, "ragged_fields", None):
@@ -270,8 +318,37 @@ class RaggedWiring:
                                 "sampler/batch_sampler; use shuffle=/order= instead")
         lengths = planning_lengths(view.source, view.index_map)
         layout = layout_for(fields, view.source, checked)
+        made = None
+        if batch_size == "auto":
+            made, checked = _plan_auto(layout, lengths, checked, planner, max_samples)
         epochs = TokenEpochs(checked, lengths) if checked.max_tokens is not None else None
+        if epochs is not None:
+            epochs.planner = made
         longest = layout.padded(int(lengths.max())) if len(lengths) else 1
         tokens = checked.max_tokens or (checked.max_samples or 1) * max(1, longest)
         rows = max_rows(lengths, checked, checked.max_tokens)
         return RaggedWiring(checked, layout, epochs, layout.capacity(tokens, rows))
+
+
+def _plan_auto(layout: RaggedLayout, lengths: np.ndarray, options: RaggedOptions,
+               make: Optional[Callable[[int], TokenPlanner]],
+               max_samples: Optional[int]) -> Tuple[TokenPlanner, RaggedOptions]:
+    """The planner of ``batch_size="auto"`` and the options with the ``max_tokens`` it planned
+    (NOTE(auto-tokens) in tokenplan.py); the ring is sized for it once."""
+    if make is None:
+        raise ArgumentError('batch_size="auto" on ragged fields needs a memory probe')
+    shortest = layout.padded(int(lengths.min())) if len(lengths) else 1
+    planner = make(staging_bytes_per_token(layout.fields, layout.ragged, shortest))
+    whole = max(1, len(lengths)) * max(1, layout.padded(int(lengths.max())) if len(lengths)
+                                       else 1)
+    cap = whole if options.max_tokens is None else min(whole, options.max_tokens)
+    planner.capacity = planner.plan(cap=cap)
+    longest = layout.padded(int(lengths.max())) if len(lengths) else 1
+    if planner.budgeted and planner.capacity < longest:
+        raise ArgumentError(
+            f"memory_budget={planner.budgeted} bytes cannot hold the longest sample "
+            f"({longest} padded tokens): it plans max_tokens={planner.capacity} at "
+            f"token_bytes={planner.token_bytes} plus {planner.staging_per_token} staging bytes "
+            f"per token in each of {planner.ring_slots} slots; raise memory_budget or lower "
+            f"token_bytes")
+    return planner, replace(options, max_tokens=planner.capacity, max_samples=max_samples)

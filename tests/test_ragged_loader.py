@@ -201,8 +201,10 @@ def test_errors_name_the_option(data):
     with pytest.raises(ValueError, match=r"pad_value=70000 cannot be stored in ragged field "
                                          r"'tokens' of dtype int16"):
         gl.DataLoader(ds, max_tokens=8, pad_value=70000)
-    with pytest.raises(ValueError, match=r"batch_size='auto' on a dataset with ragged fields"):
-        gl.DataLoader(ds, batch_size="auto")
+    with pytest.raises(ValueError, match=r"token_bytes=8 sizes batch_size=\"auto\""):
+        gl.DataLoader(ds, max_tokens=8, token_bytes=8)
+    with pytest.raises(ValueError, match="token_bytes must be an int >= 0.*got -1"):
+        gl.DataLoader(ds, batch_size="auto", token_bytes=-1)
     with pytest.raises(ValueError, match="collate_fn cannot be combined with ragged fields"):
         gl.DataLoader(ds, max_tokens=8, collate_fn=lambda b: b)
     with pytest.raises(ValueError, match="accumulate.*max_tokens"):
