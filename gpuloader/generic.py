@@ -17,11 +17,14 @@ from typing import Any, Callable, Deque, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.utils.data as tud
 from torch.utils.data import Sampler
 
 from gpuloader.adaptive import AdaptiveBatch
 from gpuloader.epoch import EpochCursor, OrderSpec
 from gpuloader.errors import ArgumentError
+from gpuloader.planning import SizerConfig, SizingOptions
+from gpuloader.probes import HostProbe
 from gpuloader.stats import LoaderStats
 from gpuloader.streams import LEAF_TYPES as _LEAF
 
@@ -256,3 +259,28 @@ def start_generic_epoch(torch_iter: Callable[[], Iterator[Any]], sampler: Any,
     while iterator.position < start:  # deterministic samplers only: replay up to start
         next(iterator)
     return iterator
+
+
+def replace_guarded(loader: tud.DataLoader, name: str, value: Any) -> None:
+    """Set torch's ``sampler`` / ``batch_sampler`` after ``DataLoader.__init__``.
+
+    Why not a plain assignment: torch's ``__setattr__`` refuses these after construction, and
+    its constructor offers no way in — given a ``batch_sampler`` it sets ``batch_size=None`` and
+    ``drop_last=False``; given a ``sampler`` it refuses ``shuffle=True``.  The replacements keep
+    their meaning (same indices, same drop_last); only the order's seed or the size is live.
+    """
+    object.__setattr__(loader, name, value)
+
+
+def sizer_config(dataset: Any, view: Any, order: OrderSpec, slots: int,
+                 options: SizingOptions, cuda: bool) -> Callable[[], SizerConfig]:
+    """The sizer's inputs for this loader, made when first needed: on the generic path they
+    read the dataset's first sample, which an int batch size never needs.  On CUDA the fast
+    path's pinned host ring counts against host memory (NOTE(pinned-rounding))."""
+    def make() -> SizerConfig:
+        staging = view.sample_nbytes if view is not None else sample_nbytes_of(dataset)
+        pinned = int(HostProbe().read().free * options.memory_fraction) \
+            if cuda and view is not None else None
+        return options.config(staging_bytes_per_sample=staging, ring_slots=slots,
+                              dataset_len=max(1, order.shard_len()), pinned_host_bytes=pinned)
+    return make

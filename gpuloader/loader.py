@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Callable, Dict, Iterator, Optional, TypeVar, Union
+from typing import Any, Dict, Iterator, Optional, TypeVar, Union
 
 import torch
 import torch.utils.data as tud
@@ -42,10 +42,9 @@ from gpuloader.ecosystem import FrameworkHooks
 from gpuloader.errors import ArgumentError
 from gpuloader.fastpath import FastEpochIterator, FastPath
 from gpuloader.generic import (GenericEpochIterator, OrderSampler, SizedBatchSampler,
-                               sample_nbytes_of, start_generic_epoch)
-from gpuloader.planning import (CostModel, FreeMemory, SizerConfig, SizingOptions,
-                                warn_whole_dataset)
-from gpuloader.probes import HostProbe, probe_for, validate_memory_budget
+                               replace_guarded, sizer_config, start_generic_epoch)
+from gpuloader.planning import CostModel, FreeMemory, SizingOptions, warn_whole_dataset
+from gpuloader.probes import probe_for, validate_memory_budget
 from gpuloader.stats import LoaderStats
 from gpuloader.streams import StreamCopier, use_on_stream
 from gpuloader.tokenplan import check_token_bytes_use, planner_factory, validate_token_bytes
@@ -55,31 +54,6 @@ from gpuloader.world import World
 
 T_co = TypeVar("T_co", covariant=True)
 STATE_VERSION = 3  # 2: orders computed per span (order.ORDER_VERSION 2); 3: nested by owner
-
-
-def _replace_guarded(loader: tud.DataLoader, name: str, value: Any) -> None:
-    """Set torch's ``sampler`` / ``batch_sampler`` after ``DataLoader.__init__``.
-
-    Why not a plain assignment: torch's ``__setattr__`` refuses these after construction, and
-    its constructor offers no way in — given a ``batch_sampler`` it sets ``batch_size=None`` and
-    ``drop_last=False``; given a ``sampler`` it refuses ``shuffle=True``.  The replacements keep
-    their meaning (same indices, same drop_last); only the order's seed or the size is live.
-    """
-    object.__setattr__(loader, name, value)
-
-
-def _sizer_config(dataset: Any, view: Optional[ArrayView], order: OrderSpec, slots: int,
-                  options: SizingOptions, cuda: bool) -> Callable[[], SizerConfig]:
-    """The sizer's inputs for this loader, made when first needed: on the generic path they
-    read the dataset's first sample, which an int batch size never needs.  On CUDA the fast
-    path's pinned host ring counts against host memory (NOTE(pinned-rounding))."""
-    def make() -> SizerConfig:
-        staging = view.sample_nbytes if view is not None else sample_nbytes_of(dataset)
-        pinned = int(HostProbe().read().free * options.memory_fraction) \
-            if cuda and view is not None else None
-        return options.config(staging_bytes_per_sample=staging, ring_slots=slots,
-                              dataset_len=max(1, order.shard_len()), pinned_host_bytes=pinned)
-    return make
 
 
 class DataLoader(FrameworkHooks, tud.DataLoader[T_co]):
@@ -188,8 +162,8 @@ class DataLoader(FrameworkHooks, tud.DataLoader[T_co]):
             drop_last=self.drop_last, sampler=sampler, batch_sampler=batch_sampler)
         if self._order.seed is not None and self._view is None and sampler is None and \
                 batch_sampler is None:
-            _replace_guarded(self, "sampler", OrderSampler(self._order))
-        self._sizer_config = _sizer_config(dataset, self._view, self._order, ring_slots(
+            replace_guarded(self, "sampler", OrderSampler(self._order))
+        self._sizer_config = sizer_config(dataset, self._view, self._order, ring_slots(
             self.prefetch_depth), options, self._memory is not None)
         # The live size, unless torch's batch_sampler, the dataset, or batch_size=None set the
         # sizes (torch's batch_size is None with a batch_sampler).
@@ -206,7 +180,7 @@ class DataLoader(FrameworkHooks, tud.DataLoader[T_co]):
         if self._view is None and self._sizing is not None and batch_sampler is None:
             # Replace torch's fixed-size BatchSampler by one that reads the live size, so
             # out-of-memory shrinking and "auto" apply to the generic path too.
-            _replace_guarded(self, "batch_sampler",
+            replace_guarded(self, "batch_sampler",
                              SizedBatchSampler(self.sampler, self._sizing, drop_last))
         self._fast: Optional[FastPath] = None
         if self._view is not None:
