@@ -38,18 +38,19 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
-import math
 import os
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 import yaml
 
 from gpuloader.checks import ORDERS
+from gpuloader.configcheck import _Checker
+from gpuloader.configfile import (_problem, _read_file, _show, apply_overrides, expand_path,
+                                  parse_override)
 from gpuloader.errors import ConfigError
 
 __all__ = [
@@ -184,250 +185,7 @@ def _thaw(value: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------------
-# reading files and overrides
-
-
-class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-3`` and ``5E4`` as floats (YAML 1.2 does; PyYAML's YAML
-    1.1 rules would make them strings, and ``lr: 1e-3`` is how people write it)."""
-
-
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"))
-
-
-def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
-
-
-def _problem(lines: Sequence[str]) -> ConfigError:
-    error = ConfigError("\n".join(lines))
-    error.problems = list(lines)  # type: ignore[attr-defined]
-    return error
-
-
-def _read_file(path: Path) -> Any:
-    if not path.exists():
-        raise _problem([f"{path}: no such config file"])
-    if path.is_dir():
-        raise _problem([f"{path}: is a directory, expected a YAML or JSON config file"])
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json":
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise _problem([f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}"]) from None
-    try:
-        return _yaml(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
-        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise _problem([f"{path}{where}: invalid YAML: {what}"]) from None
-
-
-_KEY_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
-
-
-def parse_override(text: str) -> Tuple[Tuple[str, ...], Any]:
-    """``"loader.batch_size=64"`` -> ``(("loader", "batch_size"), 64)``; the value is read as YAML
-    (so ``64`` is an int, ``auto`` a string, ``null`` None, ``[64, 32]`` a list)."""
-    key, sep, raw = text.partition("=")
-    key = key.strip()
-    if not sep or not _KEY_PATH.match(key):
-        raise _problem([f"--set {text}: expected key.path=value, e.g. loader.batch_size=64"])
-    try:
-        value = _yaml(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise _problem([f"--set {text}: invalid value: {what}"]) from None
-    return tuple(key.split(".")), value
-
-
-def apply_overrides(raw: Any, overrides: Iterable[str]) -> Dict[str, Any]:
-    """A copy of the parsed config ``raw`` with every ``key.path=value`` override applied."""
-    tree: Dict[str, Any] = _copy_tree(raw) if isinstance(raw, Mapping) else {}
-    for text in overrides:
-        path, value = parse_override(text)
-        node = tree
-        for depth, key in enumerate(path[:-1]):
-            child = node.get(key)
-            if child is None:
-                child = node[key] = {}
-            elif not isinstance(child, dict):
-                where = ".".join(path[: depth + 1])
-                raise _problem([f"--set {text}: {where} is not a mapping (it is "
-                                f"{_show(child)}), so it has no key {path[depth + 1]!r}"])
-            node = child
-        node[path[-1]] = value
-    return tree
-
-
-def _copy_tree(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _copy_tree(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copy_tree(v) for v in value]
-    return value
-
-
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
-
-
-def expand_path(text: str, *, environ: Optional[Mapping[str, str]] = None) -> str:
-    """Expand ``$NAME``, ``${NAME}``, ``${NAME:-default}`` and a leading ``~`` (see
-    NOTE(config-paths)); ValueError naming the variable when one is unset without a default."""
-    env = os.environ if environ is None else environ
-
-    def substitute(match: "re.Match[str]") -> str:
-        name = match.group(1) or match.group(3)
-        default = match.group(2)
-        value = env.get(name)
-        if default is not None and not value:
-            return default
-        if value is None:
-            raise ValueError(f"environment variable {name} is not set (write ${{{name}:-default}}"
-                             " to give a default)")
-        return value
-
-    expanded = _VAR.sub(substitute, text)
-    return os.path.expanduser(expanded)
-
-
-# --------------------------------------------------------------------------------------------
 # validation helpers (each returns the cleaned value, or records a problem and returns None)
-
-
-def _show(value: Any) -> str:
-    """A value as the user wrote it: YAML spelling for null/booleans, repr otherwise."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, Mapping):
-        return "a mapping"
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-class _Checker:
-    def __init__(self, base_dir: Optional[str] = None) -> None:
-        self.problems: List[str] = []
-        self.base_dir = base_dir  # the config file's folder, for hints about relative paths
-
-    def add(self, key: str, message: str) -> None:
-        self.problems.append(f"{key}: {message}")
-
-    def section(self, key: str, raw: Any, valid: Sequence[str]) -> Dict[str, Any]:
-        """``raw`` as a dict with only valid keys; records a problem per unknown key."""
-        if raw is None:
-            return {}
-        if not isinstance(raw, Mapping):
-            self.add(key, f"expected a mapping of keys ({', '.join(valid)}), got {_show(raw)}")
-            return {}
-        clean: Dict[str, Any] = {}
-        for name, value in raw.items():
-            if name in valid:
-                clean[name] = value
-            else:
-                self.unknown(f"{key}.{name}" if key else str(name), str(name), valid)
-        return clean
-
-    def unknown(self, where: str, name: str, valid: Sequence[str]) -> None:
-        close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
-        hint = f"did you mean {close[0]}?" if close else f"valid keys: {', '.join(valid)}"
-        self.add(where, f"unknown key; {hint}")
-
-    # scalar checks --------------------------------------------------------------------------
-    def integer(self, key: str, value: Any, *, low: int, what: str,
-                optional: bool = False) -> Optional[int]:
-        if value is None and optional:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            suffix = " or null" if optional else ""
-            self.add(key, f"expected {what}{suffix}, got {_show(value)}")
-            return None
-        return int(value)
-
-    def positive_int(self, key: str, value: Any, optional: bool = False) -> Optional[int]:
-        return self.integer(key, value, low=1, what="a positive integer", optional=optional)
-
-    def count(self, key: str, value: Any) -> Optional[int]:
-        return self.integer(key, value, low=0, what="an integer >= 0")
-
-    def number(self, key: str, value: Any, *, ok: Callable[[float], bool], what: str,
-               optional: bool = False) -> Optional[float]:
-        if value is None and optional:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                not math.isfinite(value) or not ok(float(value)):
-            suffix = " or null" if optional else ""
-            self.add(key, f"expected {what}{suffix}, got {_show(value)}")
-            return None
-        return float(value)
-
-    def boolean(self, key: str, value: Any) -> Optional[bool]:
-        if not isinstance(value, bool):
-            self.add(key, f"expected true or false, got {_show(value)}")
-            return None
-        return value
-
-    def string(self, key: str, value: Any, optional: bool = False) -> Optional[str]:
-        if value is None and optional:
-            return None
-        if not isinstance(value, str) or not value:
-            self.add(key, f"expected a non-empty string{' or null' if optional else ''}, "
-                          f"got {_show(value)}")
-            return None
-        return value
-
-    def choice(self, key: str, value: Any, choices: Sequence[str], noun: str,
-               optional: bool = False) -> Optional[str]:
-        if value is None and optional:
-            return None
-        if not isinstance(value, str) or value not in choices:
-            valid = ", ".join(choices) + (" (or null)" if optional else "")
-            plural = noun + ("es" if noun.endswith("s") else "s")
-            self.add(key, f"unknown {noun} {_show(value)}; valid {plural}: {valid}")
-            return None
-        return value
-
-    def names(self, key: str, value: Any, optional: bool = True) -> Optional[Tuple[str, ...]]:
-        if value is None and optional:
-            return None
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, (list, tuple)) or not value or \
-                not all(isinstance(v, str) and v for v in value):
-            self.add(key, f"expected a list of field names, got {_show(value)}")
-            return None
-        if len(set(value)) != len(value):
-            self.add(key, f"lists a field twice: {_show(list(value))}")
-            return None
-        return tuple(value)
-
-    def path(self, key: str, value: Any, *, must_exist: bool) -> Optional[str]:
-        text = self.string(key, value)
-        if text is None:
-            return None
-        try:
-            expanded = expand_path(text)
-        except ValueError as exc:
-            self.add(key, str(exc))
-            return None
-        absolute = os.path.abspath(expanded)
-        if must_exist and not os.path.exists(absolute):
-            hint = ""
-            if self.base_dir and not os.path.isabs(expanded):
-                beside = os.path.abspath(os.path.join(self.base_dir, expanded))
-                if os.path.exists(beside):
-                    hint = (f" (relative paths are taken from the current directory; did you "
-                            f"mean {beside}?)")
-            self.add(key, f"no such file or directory: {absolute}{hint}")
-            return None
-        return absolute
 
 
 # --------------------------------------------------------------------------------------------
