@@ -180,14 +180,17 @@ def bars(runs: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Any]:
     ceiling = max(v for k, v in rate.items() if k.startswith("raw pread"))
     billion = _median(runs["1e9 samples"])
     epochs = runs["3 cold epochs"][0]
+    def ratio(a: float, b: float) -> float:
+        return a / b if b else float("nan")  # nan: the file was too small to measure
+
     ratios = {
-        "shuffle / raw pread ceiling": rate["gpuloader shuffle"] / ceiling,
-        "shuffle / torch w=2": rate["gpuloader shuffle"] / rate["torch per-sample w=2"],
-        "block / raw sequential": rate["gpuloader block"] / rate["raw sequential"],
-        "gzip block / h5py sequential": rate["gpuloader block (gzip)"]
-        / rate["h5py sequential (gzip)"],
-        "gzip block w=2 / h5py sequential": rate["gpuloader block (gzip) w=2"]
-        / rate["h5py sequential (gzip)"],
+        "shuffle / raw pread ceiling": ratio(rate["gpuloader shuffle"], ceiling),
+        "shuffle / torch w=2": ratio(rate["gpuloader shuffle"], rate["torch per-sample w=2"]),
+        "block / raw sequential": ratio(rate["gpuloader block"], rate["raw sequential"]),
+        "gzip block / h5py sequential": ratio(rate["gpuloader block (gzip)"],
+                                              rate["h5py sequential (gzip)"]),
+        "gzip block w=2 / h5py sequential": ratio(rate["gpuloader block (gzip) w=2"],
+                                                  rate["h5py sequential (gzip)"]),
     }
     limits = {"shuffle / raw pread ceiling": 0.8, "shuffle / torch w=2": 3.0,
               "block / raw sequential": 0.9, "gzip block / h5py sequential": 0.9,
