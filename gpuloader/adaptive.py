@@ -19,6 +19,7 @@ import traceback
 import warnings
 from typing import Any, Callable, Iterator, Optional, Tuple
 
+import numpy as np
 import torch
 
 from gpuloader.allocator import StepMemory
@@ -329,14 +330,18 @@ class Step:
     """One optimizer step of ``accumulate``: yields ``(batch, weight)`` micro-batches.
 
     ``size`` is the step's sample count; weights are ``len(batch) / size`` and sum to 1 over the
-    micro-batches that were not rolled back.
+    micro-batches that were not rolled back.  With ``tokens`` (cumulative tokens of the epoch's
+    order, ``tokens[i]`` before position ``i``) weights are the batch's share of the step's
+    tokens instead, so a per-token mean loss times the weight sums to the step's per-token mean.
     """
 
-    def __init__(self, sizing: AdaptiveBatch, iterator: Any, start: int, size: int) -> None:
+    def __init__(self, sizing: AdaptiveBatch, iterator: Any, start: int, size: int,
+                 tokens: Optional[np.ndarray] = None) -> None:
         self.sizing = sizing
         self.start = start
         self.size = size
         self._it = iterator
+        self._tokens = tokens
 
     def __iter__(self) -> Iterator[Any]:
         end = self.start + self.size
@@ -344,14 +349,68 @@ class Step:
         try:
             while self._it.position < end:
                 batch = next(self._it)
-                yield batch, self._it.last_length / self.size
+                yield batch, self._weight(self._it.last_start, self._it.last_length)
         finally:
             self.sizing.step_start = None
+
+
+    def _weight(self, start: int, length: int) -> float:
+        cum = self._tokens
+        if cum is None or cum[self.start + self.size] == cum[self.start]:  # no tokens: samples
+            return length / self.size
+        return float(cum[start + length] - cum[start]) / float(
+            cum[self.start + self.size] - cum[self.start])
+
+
+def accumulate_tokens(sizing: AdaptiveBatch, iterator: Any,
+                      global_tokens: int) -> Iterator[Step]:
+    """Steps of about ``global_tokens`` tokens over a token-budget epoch (NOTE(token-steps))."""
+    lengths, ends = iterator.token_plan()
+    cum = np.concatenate(([0], np.cumsum(lengths, dtype=np.int64)))
+    step_ends = token_step_ends(cum, ends, global_tokens)
+    start = iterator.position  # NOTE(resumed-step)
+    for end in step_ends[np.searchsorted(step_ends, start, side="right"):]:
+        yield Step(sizing, iterator, start, int(end) - start, tokens=cum)
+        if iterator.position < end:  # the caller left the step early
+            return
+        start = int(end)
+    iterator.close()
+
+
+def token_step_ends(cum: np.ndarray, planned_ends: np.ndarray, global_tokens: int) -> np.ndarray:
+    """NOTE(token-steps): an ``accumulate(global_tokens=N)`` step is a run of consecutive planned
+    batches (NOTE(token-plan) in tokens.py) holding at most ``N`` real (unpadded) tokens -- at
+    least one planned batch -- grouped greedily from the epoch's start, so the steps are a pure
+    function of the plan and a resumed epoch has the same steps.  Micro-batches, the planned
+    batches cut at the live budget and shape caps, never straddle a step's end."""
+    out = []
+    step_start, last = 0, None
+    for end in planned_ends.tolist():
+        if last is not None and cum[end] - cum[step_start] > global_tokens:
+            out.append(last)
+            step_start = last
+        last = end
+    if last is not None:
+        out.append(last)
+    return np.asarray(out, dtype=np.int64)
 
 
 def check_global_batch_size(global_batch_size: object) -> int:
     """``global_batch_size`` as a positive int (the samples of one ``accumulate`` step)."""
     return int_at_least("global_batch_size", global_batch_size, 1, "a positive int")
+
+
+def check_accumulate(global_batch_size: object,
+                     global_tokens: object) -> Tuple[Optional[int], Optional[int]]:
+    """``(global_batch_size, global_tokens)`` checked: exactly one given, a positive int."""
+    if (global_batch_size is None) == (global_tokens is None):
+        raise ArgumentError(f"accumulate() takes exactly one of global_batch_size (samples per "
+                            f"step) and global_tokens= (tokens per step), got "
+                            f"global_batch_size={describe(global_batch_size)} and "
+                            f"global_tokens={describe(global_tokens)}")
+    if global_tokens is not None:
+        return None, int_at_least("global_tokens", global_tokens, 1, "a positive int")
+    return check_global_batch_size(global_batch_size), None
 
 
 def accumulate(sizing: AdaptiveBatch, iterator: Any, global_batch_size: int, *,

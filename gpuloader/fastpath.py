@@ -147,6 +147,11 @@ class FastEpochIterator(EpochCursor):
             self._parts = ((stop, live, planner.revision if planner else 0), starts, parts)
         return parts[starts.index(pos)]
 
+    def token_plan(self) -> Tuple[np.ndarray, np.ndarray]:
+        """``(planning lengths in order, planned batch ends)`` of a token-budget epoch."""
+        assert self._order_lengths is not None and self._boundaries is not None
+        return self._order_lengths, self._boundaries
+
     def span_shape(self, start: int, length: int) -> Optional[Tuple[int, int]]:
         """``(samples, padded length)`` of the token-budget batch ``[start, start + length)``
         of this epoch's order; None for fixed-size batches (``oom_guard`` reads it)."""

@@ -399,14 +399,24 @@ class DataLoader(FrameworkHooks, tud.DataLoader[T_co]):
             use_on_stream(batch, stream, device=self.device,
                           ring=res.device_ring if res is not None else None)
 
-    def accumulate(self, global_batch_size: int) -> Iterator[adaptive.Step]:
-        """Steps of exactly ``global_batch_size`` samples made of memory-sized micro-batches;
-        each step yields ``(batch, weight)`` with weights summing to 1."""
-        size = adaptive.check_global_batch_size(global_batch_size)
+    def accumulate(self, global_batch_size: Optional[int] = None, *,
+                   global_tokens: Optional[int] = None) -> Iterator[adaptive.Step]:
+        """Steps of exactly ``global_batch_size`` samples -- or, on a token budget, of at most
+        ``global_tokens`` real tokens (NOTE(token-steps)) -- made of memory-sized micro-batches;
+        each step yields ``(batch, weight)``, weights summing to 1 (token shares with
+        ``global_tokens``, so a per-token mean loss times the weight is exact)."""
+        size, tokens = adaptive.check_accumulate(global_batch_size, global_tokens)
         if self._sizing is None:
             raise ArgumentError("accumulate() needs batches gpuloader sizes; this loader was "
                                 "built with batch_size=None, a batch_sampler, or an "
                                 "IterableDataset")
+        if tokens is not None and self._tokens is None:
+            raise ArgumentError(f"accumulate(global_tokens={tokens}) needs a token budget: "
+                                'max_tokens= or batch_size="auto" on a dataset with a ragged '
+                                "field; use global_batch_size for fixed-size samples")
+        if tokens is not None:
+            yield from adaptive.accumulate_tokens(self._sizing, self._start_epoch(None), tokens)
+            return
         yield from adaptive.accumulate(self._sizing, self._start_epoch(size), size,
                                        drop_last=self.drop_last)
 

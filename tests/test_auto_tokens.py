@@ -181,3 +181,50 @@ def test_resume_after_ooms_delivers_the_same_batches():
     second = make()
     second.load_state_dict(state)
     assert [b["y"].tolist() for b in second] == rest
+
+
+def test_accumulate_global_tokens_weights_by_tokens_and_survives_ooms():
+    """Steps of at most N real tokens (one planned batch may exceed it alone), weights the
+    token shares of each step, a per-token mean loss exact, every sample once under OOMs."""
+    lengths = lognormal(1500, 40, 1.0, 5, 400)
+    loader = gl.DataLoader(ragged(lengths), batch_size="auto", memory_budget=4_000_000,
+                           token_bytes=200, shuffle=True, seed=2)
+    sim = SimulatedMemory(limit=loader._tokens.planner.step_budget() // 3, per_token=100,
+                          per_token_length=2)
+    model = torch.nn.Linear(1, 1)
+    order, ends = loader._tokens.plan_epoch(loader._order, 0)
+    planned = [sorted(order[a:b].tolist()) for a, b in zip(np.r_[0, ends[:-1]], ends)]
+    seen: List[int] = []
+    steps = 0
+    for step in loader.accumulate(global_tokens=5000):
+        kept = []
+        for batch, weight in step:
+            with loader.oom_guard(model) as guard:
+                sim.run(batch["tokens"], batch["tokens_lengths"])
+            if guard.failed:
+                kept = []  # the whole step starts over (its gradients were zeroed)
+                continue
+            kept.append((batch["y"].tolist(), batch["tokens_lengths"], weight))
+        ys = [y for part, _, _ in kept for y in part]
+        step_tokens = int(lengths[ys].sum())
+        # over N only when one planned batch alone holds more
+        assert step_tokens <= 5000 or sorted(ys) in planned, step_tokens
+        assert sum(w for *_, w in kept) == pytest.approx(1.0)
+        for _, lens, weight in kept:
+            assert weight == pytest.approx(int(lens.sum()) / step_tokens)
+        # per-token mean of a loss that is the token's value: sum(weight * micro mean) exact
+        values = {y: float(y % 7) for y in ys}
+        exact = sum(values[y] * lengths[y] for y in ys) / step_tokens
+        micro = sum(w * sum(values[y] * lengths[y] for y in part) / int(lens.sum())
+                    for part, lens, w in kept)
+        assert micro == pytest.approx(exact)
+        seen.extend(ys)
+        steps += 1
+    assert sim.ooms > 0 and steps > 5
+    assert sorted(seen) == list(range(len(lengths)))
+    with pytest.raises(ValueError, match="exactly one of global_batch_size .* and "
+                                         "global_tokens"):
+        next(loader.accumulate(8, global_tokens=100))
+    fixed = gl.DataLoader(gl.ArrayDataset(x=np.zeros((8, 2), np.float32)), batch_size=4)
+    with pytest.raises(ValueError, match=r"accumulate\(global_tokens=100\) needs a token budget"):
+        next(fixed.accumulate(global_tokens=100))
