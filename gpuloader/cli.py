@@ -217,7 +217,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     compression = None if args.compression in (None, "none") else args.compression
     if _is_text_source(args):
         done = text_to_tokens(args.src, args.dst, text_key=args.text_key,
-                              glob=args.glob or "**/*", overwrite=args.overwrite)
+                              glob=args.glob or "**/*", overwrite=args.overwrite,
+                              max_length=args.max_length)
         print(f"wrote {done['dst']}.bin/.idx: {done['documents']:,} documents, "
               f"{done['tokens']:,} byte-level tokens (uint8)")
         return 0
@@ -397,6 +398,9 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                    help="JSON-lines input: the key holding each document's text (default text)")
     p.add_argument("--glob", default=None, metavar="PATTERN",
                    help="folder of text files: which files are documents (default **/*)")
+    p.add_argument("--max-length", type=positive_int, default=None, metavar="N",
+                   help="text input: split documents longer than N bytes into consecutive "
+                        "samples of at most N tokens")
     p.add_argument("--chunk-rows", type=positive_int, default=None, metavar="N",
                    help="rows per HDF5 chunk (default: about 1 MiB of rows)")
     p.add_argument("--compression", choices=("gzip", "lzf", "none"), default="none",

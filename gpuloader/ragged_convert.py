@@ -21,6 +21,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 
+from gpuloader.checks import int_at_least
 from gpuloader.errors import ArgumentError, SourceError, SourceNotFoundError
 from gpuloader.sources.binidx import pair_paths, write_index
 
@@ -70,17 +71,34 @@ def _documents(src: Path, text_key: Optional[str], glob: str) -> Iterator[bytes]
             yield record[key].encode("utf-8")
 
 
-def text_to_tokens(src: PathLike, dst: PathLike, *, text_key: Optional[str] = None,
-                   glob: str = "**/*", overwrite: bool = False) -> Dict[str, Any]:
-    """Byte-level Megatron pair at ``dst`` (prefix or either file) from text at ``src``.
+def split_documents(documents: Iterable[bytes], max_length: Optional[int]) -> Iterator[bytes]:
+    """Each document, or with ``max_length`` its consecutive pieces of at most that many bytes
+    (the last may be shorter; nothing is dropped; empty documents stay one empty sample)."""
+    for doc in documents:
+        if max_length is None or len(doc) <= max_length:
+            yield doc
+            continue
+        for start in range(0, len(doc), max_length):
+            yield doc[start:start + max_length]
 
-    Returns ``{"dst", "documents", "tokens", "format": "megatron"}``.
+
+def text_to_tokens(src: PathLike, dst: PathLike, *, text_key: Optional[str] = None,
+                   glob: str = "**/*", overwrite: bool = False,
+                   max_length: Optional[int] = None) -> Dict[str, Any]:
+    """Byte-level Megatron pair at ``dst`` (prefix or either file) from text at ``src``; with
+    ``max_length`` long documents become consecutive samples of at most that many tokens.
+
+    Returns ``{"dst", "documents", "tokens", "format": "megatron"}`` (documents: samples
+    written).
     """
+    if max_length is not None:
+        max_length = int_at_least("max_length", max_length, 1, "a positive int or None")
     source = Path(src)
     if not source.exists():
         raise SourceNotFoundError(f"convert: source {str(source)!r} does not exist; expected a "
                                   f"folder of text files or a JSON-lines file")
-    return write_tokens(_documents(source, text_key, glob), dst, overwrite=overwrite)
+    return write_tokens(split_documents(_documents(source, text_key, glob), max_length), dst,
+                        overwrite=overwrite)
 
 
 def write_tokens(documents: Iterable[bytes], dst: PathLike, *,

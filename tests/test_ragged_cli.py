@@ -129,3 +129,19 @@ def test_readme_variable_length_example_runs_as_written(tmp_path, monkeypatch, c
     done = run_python(readme_block("## Variable-length data"), tmp_path)
     assert done.returncode == 0, done.stderr
     assert "tokens_lengths" in done.stdout
+
+
+def test_max_length_splits_long_documents_into_consecutive_pieces(tmp_path, capsys):
+    root = tmp_path / "long"
+    root.mkdir()
+    docs = {"a.txt": b"x" * 10, "b.txt": bytes(range(25)), "c.txt": b""}
+    for name, data in docs.items():
+        (root / name).write_bytes(data)
+    code, out, _ = run(capsys, "convert", str(root), str(tmp_path / "tok"), "--max-length", "8")
+    assert code == 0 and "7 documents" in out  # 10 -> 8+2, 25 -> 8+8+8+1, empty stays
+    ds = gl.open_dataset(tmp_path / "tok")
+    pieces = [bytes(ds[i]["tokens"].numpy()) for i in range(len(ds))]
+    assert all(len(p) <= 8 for p in pieces)
+    assert b"".join(pieces) == b"".join(docs[k] for k in sorted(docs))  # consecutive, nothing lost
+    code, out, err = run(capsys, "convert", str(root), str(tmp_path / "t2"), "--max-length", "0")
+    assert code == 2 and "--max-length" in err + out
