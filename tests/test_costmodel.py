@@ -325,10 +325,18 @@ def test_closed_loop_learns_without_recurring_ooms(seed, median, sigma, limit, p
     ratios = run_closed_loop(sim, model, lengths, budget, jitter, seed)
     failed = [step for step, (*_, ran) in enumerate(sim.history) if not ran]
     assert len(failed) <= 6, failed
-    assert all(step < 50 for step in failed), failed
+    late_ooms = [step for step in failed
+                 if step >= 50 and not _longest_so_far(sim.history, step)]
+    assert not late_ooms, (late_ooms, sim.history[late_ooms[0]])
     late = [ratio for step, ratio in ratios if step >= 120]
     assert np.median(late) >= 0.85
     assert min(late) >= 0.5
+
+
+def _longest_so_far(history: List[Tuple[int, int, int, bool]], step: int) -> bool:
+    """Whether step ``step`` of ``history`` was longer than every step that ran before it."""
+    ran = [length for _, length, _, ok in history[:step] if ok]
+    return history[step][1] > max(ran, default=0)
 
 
 @hypothesis.settings(max_examples=15, deadline=None)
@@ -338,6 +346,7 @@ def test_closed_loop_learns_without_recurring_ooms(seed, median, sigma, limit, p
     per_token_length=st.integers(0, 64),
     extra=st.floats(0.0, 0.15),
 )
+@hypothesis.example(seed=542722, median=16, per_token_length=11, extra=0.0)  # first L=128 at step 75
 def test_first_run_transients_of_new_shapes_cause_no_recurring_ooms(seed, median,
                                                                      per_token_length, extra):
     # Each new shape's first step needs ``extra`` of the memory more (cudnn autotuning it);
@@ -355,7 +364,12 @@ def test_first_run_transients_of_new_shapes_cause_no_recurring_ooms(seed, median
     model = ShapeCostModel(token_bytes=2048 + per_token_length * median)
     ratios = run_closed_loop(sim, model, lengths, budget, 0.0, seed)
     failed = [step for step, (*_, ran) in enumerate(sim.history) if not ran]
-    assert len(failed) <= 6 and all(step < 50 for step in failed), failed
+    assert len(failed) <= 6, failed
+    # After the first steps, an OOM may only come with a length longer than any that ran
+    # before: until then the L^2 term at that length is unobserved, never a known shape.
+    late_ooms = [step for step in failed
+                 if step >= 50 and not _longest_so_far(sim.history, step)]
+    assert not late_ooms, (late_ooms, sim.history[late_ooms[0]])
     late = [ratio for step, ratio in ratios if step >= 120]
     assert np.median(late) >= 0.85 - 2 * extra
 
