@@ -20,16 +20,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import json
 import math
 import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -37,6 +34,7 @@ from gpuloader import fit
 from gpuloader.config import Config, ConfigError, dump, load
 from gpuloader.errors import GpuLoaderError
 from gpuloader.interrupts import Signals, TrainingInterrupted, deferred_signals
+from gpuloader.runfiles import append_metrics, atomic_save, read_metrics, recorded_split
 from gpuloader.stats import rates
 
 __all__ = ["run", "make_optimizer", "make_loss", "prepare_targets", "CHECKPOINT", "METRICS"]
@@ -119,43 +117,6 @@ def _infer_outputs(cfg: Config, spec: Any, labels: Optional[Tuple[int, int]]) ->
         raise ConfigError(f"model.outputs: cannot infer the number of classes: field "
                           f"{cfg.data.targets!r} holds no non-negative labels; set model.outputs")
     return labels[1] + 1
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _read_metrics(path: Path) -> List[Dict[str, Any]]:
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line:
-            with contextlib.suppress(json.JSONDecodeError):
-                records.append(json.loads(line))
-    return records
-
-
-def _append_metrics(path: Path, records: List[Dict[str, Any]]) -> None:
-    if not records:
-        return
-    with open(path, "a", encoding="utf-8") as fh:
-        for record in records:
-            fh.write(json.dumps(record) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 @dataclasses.dataclass
@@ -310,7 +271,7 @@ class _Run:
             "config": self.cfg.to_dict(),
             "split": self.split.state(),
         }
-        _atomic_save(state, self.out / CHECKPOINT)
+        atomic_save(state, self.out / CHECKPOINT)
 
     def restore(self, path: Path) -> None:
         try:
@@ -334,8 +295,8 @@ class _Run:
         self.records = list(state["records"])
         torch.set_rng_state(state["rng"])
         metrics = self.out / METRICS
-        written = {r.get("epoch") for r in _read_metrics(metrics)}
-        _append_metrics(metrics, [r for r in self.records if r.get("epoch") not in written])
+        written = {r.get("epoch") for r in read_metrics(metrics)}
+        append_metrics(metrics, [r for r in self.records if r.get("epoch") not in written])
 
     # -- the loop ------------------------------------------------------------------------------
     def _batches(self) -> Iterator[Tuple[List[Tuple[Any, float]], bool]]:
@@ -535,23 +496,12 @@ def run(config: Union[Config, str, "os.PathLike[str]"], resume: bool = False, *,
                 (out / name).unlink()
     out.mkdir(parents=True, exist_ok=True)
     with deferred_signals() as signals:
-        split = _recorded_split(ckpt) if resume else None
+        split = recorded_split(ckpt) if resume else None
         r = _Run(cfg, progress=progress, stop=stop, split=split, signals=signals)
         try:
             return _train_epochs(r, cfg, resume=resume, say=say)
         finally:
             r.close()
-
-
-def _recorded_split(ckpt: Path) -> Optional[Dict[str, int]]:
-    """The train/validation split a checkpoint recorded (NOTE(train-split)); None for a
-    checkpoint of a run without validation or one written before splits were recorded."""
-    with contextlib.suppress(Exception):  # unreadable: restore() reports it properly
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        split = state.get("split") if isinstance(state, dict) else None
-        if isinstance(split, dict):
-            return {k: int(split[k]) for k in ("rows", "val_rows", "seed")}
-    return None
 
 
 def _train_epochs(r: _Run, cfg: Config, *, resume: bool,
@@ -581,7 +531,7 @@ def _train_epochs(r: _Run, cfg: Config, *, resume: bool,
         r.epochs_done = epoch + 1
         r.sums = _EpochSums()
         r.checkpoint()
-        _append_metrics(out / METRICS, [record])
+        append_metrics(out / METRICS, [record])
         new_records.append(record)
         say(_format_record(record))
     if r.signals is not None and r.signals.signum is not None:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpuloader import fit, train
+from gpuloader import fit, runfiles, train
 from gpuloader.config import ConfigError, from_dict, load
 from gpuloader.interrupts import TrainingInterrupted
 
@@ -164,7 +164,7 @@ def test_cli_sigterm_in_the_first_epoch_leaves_a_checkpoint(tmp_path: Path) -> N
                             env=dict(env, NO_PREEMPT="1"), capture_output=True, text=True,
                             timeout=120)
     assert second.returncode == 0, second.stderr
-    (record,) = [r for r in train._read_metrics(tmp_path / "run" / train.METRICS)]
+    (record,) = [r for r in runfiles.read_metrics(tmp_path / "run" / train.METRICS)]
     assert record["samples"] == 600 and record["resumed"] is True
 
 
