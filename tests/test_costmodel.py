@@ -323,20 +323,25 @@ def test_closed_loop_learns_without_recurring_ooms(seed, median, sigma, limit, p
     model = ShapeCostModel(token_bytes=max(1, int((per_token + per_token_length * median)
                                                   * prior)))
     ratios = run_closed_loop(sim, model, lengths, budget, jitter, seed)
-    failed = [step for step, (*_, ran) in enumerate(sim.history) if not ran]
-    assert len(failed) <= 6, failed
-    late_ooms = [step for step in failed
-                 if step >= 50 and not _longest_so_far(sim.history, step)]
-    assert not late_ooms, (late_ooms, sim.history[late_ooms[0]])
+    _assert_few_and_no_recurring_ooms(sim)
     late = [ratio for step, ratio in ratios if step >= 120]
     assert np.median(late) >= 0.85
     assert min(late) >= 0.5
 
 
-def _longest_so_far(history: List[Tuple[int, int, int, bool]], step: int) -> bool:
-    """Whether step ``step`` of ``history`` was longer than every step that ran before it."""
-    ran = [length for _, length, _, ok in history[:step] if ok]
-    return history[step][1] > max(ran, default=0)
+def _assert_few_and_no_recurring_ooms(sim: SimulatedMemory) -> None:
+    """At most 6 OOMs; after the first 50 steps, an OOM only at a length longer than any that
+    ran before (until then the L^2 term at that length is unobserved, never a known shape)."""
+    history = sim.history
+    failed = [step for step, (*_, ran) in enumerate(history) if not ran]
+    assert len(failed) <= 6, failed
+
+    def longest_so_far(step: int) -> bool:
+        ran = [length for _, length, _, ok in history[:step] if ok]
+        return history[step][1] > max(ran, default=0)
+
+    late_ooms = [step for step in failed if step >= 50 and not longest_so_far(step)]
+    assert not late_ooms, (late_ooms, history[late_ooms[0]])
 
 
 @hypothesis.settings(max_examples=15, deadline=None)
@@ -363,13 +368,7 @@ def test_first_run_transients_of_new_shapes_cause_no_recurring_ooms(seed, median
     lengths = np.clip(lengths, 64, longest).astype(int)
     model = ShapeCostModel(token_bytes=2048 + per_token_length * median)
     ratios = run_closed_loop(sim, model, lengths, budget, 0.0, seed)
-    failed = [step for step, (*_, ran) in enumerate(sim.history) if not ran]
-    assert len(failed) <= 6, failed
-    # After the first steps, an OOM may only come with a length longer than any that ran
-    # before: until then the L^2 term at that length is unobserved, never a known shape.
-    late_ooms = [step for step in failed
-                 if step >= 50 and not _longest_so_far(sim.history, step)]
-    assert not late_ooms, (late_ooms, sim.history[late_ooms[0]])
+    _assert_few_and_no_recurring_ooms(sim)
     late = [ratio for step, ratio in ratios if step >= 120]
     assert np.median(late) >= 0.85 - 2 * extra
 
