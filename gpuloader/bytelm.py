@@ -29,7 +29,8 @@ from torch import nn
 
 from gpuloader.errors import ArgumentError, ArgumentTypeError, describe
 
-__all__ = ["ByteLM", "bytelm", "next_token_loss", "unigram_entropy", "VOCAB"]
+__all__ = ["ByteLM", "bytelm", "next_token_loss", "unigram_entropy", "corpus_unigram_entropy",
+           "VOCAB"]
 
 #: Bytes: the vocabulary of the model.
 VOCAB = 256
@@ -201,11 +202,47 @@ def unigram_entropy(data: Union[BytesLike, Iterable[BytesLike]]) -> float:
     counts = np.zeros(VOCAB, dtype=np.int64)
     for chunk in chunks:
         counts += np.bincount(_as_bytes(chunk), minlength=VOCAB)
-    total = int(counts.sum())
-    if total == 0:
+    if int(counts.sum()) == 0:
         raise ArgumentError("unigram_entropy needs at least one byte, got empty data")
-    p = counts[counts > 0] / total
+    return _entropy(counts)
+
+
+def _entropy(counts: np.ndarray) -> float:
+    """Entropy in nats of the distribution ``counts`` (non-negative, not all zero) says."""
+    p = counts[counts > 0] / int(counts.sum())
     return float(-(p * np.log(p)).sum())
+
+
+#: Token ids ``corpus_unigram_entropy`` counts at most (larger vocabularies are not counted).
+_MAX_VOCAB = 1 << 24
+
+
+def corpus_unigram_entropy(ds: object, field: str, *,
+                           limit: int = 1 << 28) -> Tuple[Optional[float], int, int]:
+    """``(entropy in nats, tokens counted, largest token id)`` of ragged ``field`` of dataset
+    ``ds``, read in storage order through a packed DataLoader (bounded memory).  Counts the
+    first ``limit`` tokens at most (the third value says how many); the entropy is None for an
+    empty field or token ids outside ``0 .. 2**24 - 1``."""
+    from gpuloader.loader import DataLoader
+
+    counts = np.zeros(VOCAB, dtype=np.int64)
+    seen, largest = 0, -1
+    with DataLoader(ds, max_tokens=1 << 22, packed=True, shuffle=False) as loader:
+        for batch in loader:
+            values = batch[field].numpy()  # type: ignore[index]
+            if not values.size:
+                continue
+            low, high = int(values.min()), int(values.max())
+            largest = max(largest, high)
+            if low < 0 or high >= _MAX_VOCAB:
+                return None, seen, largest
+            if high >= len(counts):
+                counts = np.concatenate([counts, np.zeros(high + 1 - len(counts), np.int64)])
+            counts += np.bincount(values, minlength=len(counts))
+            seen += int(values.size)
+            if seen >= limit:
+                break
+    return (_entropy(counts) if seen else None), seen, largest
 
 
 def _as_bytes(chunk: object) -> np.ndarray:

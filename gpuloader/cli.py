@@ -68,9 +68,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from gpuloader import train
 
     cfg = config_mod.load(args.config, args.overrides or ())
-    print(f"training {cfg.model.name} on {cfg.data.path} ({cfg.data.inputs} -> "
-          f"{cfg.data.targets}) for {cfg.train.epochs} epoch(s); output in {cfg.output}",
-          file=sys.stderr)
+    what = (f"{cfg.data.inputs} -> {cfg.data.targets}" if cfg.data.targets is not None
+            else f"next token of {cfg.data.inputs}")
+    print(f"training {cfg.model.name} on {cfg.data.path} ({what}) for {cfg.train.epochs} "
+          f"epoch(s); output in {cfg.output}", file=sys.stderr)
     train.run(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
               log=print)
     print(f"metrics: {os.path.join(cfg.output, train.METRICS)}; checkpoint: "
@@ -299,13 +300,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 _TRAIN_EPILOG = """\
 config keys (defaults shown; only data.path is required):
-  data:   {path: <required>, fields: null, inputs: null, targets: null}  # .npy, folder, .h5
+  data:   {path: <required>, fields: null, inputs: null, targets: null}  # .npy, folder, .h5,
+          # Megatron .bin/.idx; a ragged inputs field without targets: next-token training
   loader: {batch_size: auto, shuffle: true, order: null, memory_fraction: 0.8, device: auto,
-           num_workers: 0, sample_bytes: 0, max_batch_size: null, ...}
-  model:  {name: mlp, hidden: [256, 128], outputs: null}   # mlp, cnn, or "pkg.module:factory"
+           num_workers: 0, sample_bytes: 0, max_batch_size: null, ...,
+           token_bytes: 0, max_tokens: null, pad_to_multiple_of: 1}   # last three: ragged
+  model:  {name: mlp, hidden: [256, 128], outputs: null}   # mlp, cnn, bytelm, "pkg.module:factory"
   train:  {epochs: 3, lr: 0.001, optimizer: adamw, loss: cross_entropy,
-           global_batch_size: null, seed: 0, val_fraction: 0.0, checkpoint_every: 0,
-           max_steps: null, weight_decay: null}
+           global_batch_size: null, global_tokens: null, seed: 0, val_fraction: 0.0,
+           checkpoint_every: 0, max_steps: null, weight_decay: null}
   output: runs/<config name>     # metrics.jsonl, checkpoint.pt, config.yaml
 paths may use ~ and $VAR / ${VAR:-default}; relative paths are from the current directory."""
 

@@ -5,18 +5,22 @@ The schema (every section but ``data`` is optional; missing keys take the defaul
     data:   {path: train.h5, fields: null, inputs: null, targets: null, dtype: null, shape: null}
     loader: {batch_size: auto, shuffle: true, order: null, memory_fraction: 0.8,
              memory_budget: null, device: auto, num_workers: 0, sample_bytes: 0,
-             min_batch_size: 1, max_batch_size: null, prefetch_depth: 2, drop_last: false}
+             min_batch_size: 1, max_batch_size: null, prefetch_depth: 2, drop_last: false,
+             token_bytes: 0, max_tokens: null, pad_to_multiple_of: 1}   # last three: ragged
     model:  {name: mlp, ...}           # other keys go to the model factory (see models.py)
     train:  {epochs: 3, lr: 0.001, optimizer: adamw, loss: cross_entropy,
-             global_batch_size: null, seed: 0, val_fraction: 0.0, weight_decay: null,
-             checkpoint_every: 0, max_steps: null}
+             global_batch_size: null, global_tokens: null, seed: 0, val_fraction: 0.0,
+             weight_decay: null, checkpoint_every: 0, max_steps: null}
     output: runs/<config file stem>
 
 NOTE(config-global-batch): memory decides micro-batches, never what the model learns.  With
 ``loader.batch_size: auto`` and no ``train.global_batch_size``, the global batch is
 DEFAULT_GLOBAL_BATCH (256) samples per optimizer step, accumulated over micro-batches as large
 as memory allows; the resolved config records it.  (Left to itself, auto fills the memory, which
-on a CPU can be the whole training split: one optimizer step per epoch.)
+on a CPU can be the whole training split: one optimizer step per epoch.)  On a ragged
+``data.inputs`` field (next-token training, seqtrain.py) steps count tokens instead:
+``train.global_tokens`` (default DEFAULT_GLOBAL_TOKENS under auto) real tokens per step, and the
+planned ``max_tokens`` is at most that (a larger micro-batch could only make a larger step).
 
 NOTE(config-model-path): a config naming its own model (``model.name: mynets:make``) finds
 ``mynets.py`` beside the config file from any working directory: ``load`` puts the current
@@ -52,6 +56,8 @@ from gpuloader.configcheck import _Checker
 from gpuloader.configfile import (_problem, _read_file, _show, apply_overrides, expand_path,
                                   parse_override)
 from gpuloader.errors import ConfigError
+from gpuloader.seqconfig import DEFAULT_GLOBAL_BATCH, DEFAULT_GLOBAL_TOKENS, check_sequence, \
+    resolve_steps
 
 __all__ = [
     "Config",
@@ -68,14 +74,14 @@ __all__ = [
     "dump",
     "OPTIMIZERS",
     "LOSSES",
+    "DEFAULT_GLOBAL_BATCH",
+    "DEFAULT_GLOBAL_TOKENS",
 ]
 
 #: Optimizer names accepted by ``train.optimizer``.
 OPTIMIZERS = ("adamw", "adam", "sgd")
 #: Loss names accepted by ``train.loss``.
 LOSSES = ("cross_entropy", "mse", "bce_with_logits")
-#: Samples per optimizer step when ``loader.batch_size`` is auto (NOTE(config-global-batch)).
-DEFAULT_GLOBAL_BATCH = 256
 _SECTIONS = ("data", "loader", "model", "train", "output")
 
 
@@ -86,7 +92,8 @@ _SECTIONS = ("data", "loader", "model", "train", "output")
 @dataclass(frozen=True)
 class DataConfig:
     """Where the samples are.  ``inputs``/``targets`` are field names (filled in by ``load``
-    from the data when not given: the first and second field).  ``dtype``/``shape`` describe a
+    from the data when not given: the first and second field; a ragged ``inputs`` field keeps
+    ``targets`` None: the model predicts the next token).  ``dtype``/``shape`` describe a
     raw binary file (see ``gpuloader.open_dataset``)."""
 
     path: str
@@ -99,7 +106,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class LoaderConfig:
-    """Keyword arguments of ``gpuloader.DataLoader`` (same names, same meaning)."""
+    """Keyword arguments of ``gpuloader.DataLoader`` (same names, same meaning).  ``batch_size``
+    None is refused by ``load`` with what ragged or fixed-size data accepts."""
 
     batch_size: Union[int, str] = "auto"
     shuffle: bool = True
@@ -113,6 +121,9 @@ class LoaderConfig:
     max_batch_size: Optional[int] = None
     prefetch_depth: int = 2
     drop_last: bool = False
+    token_bytes: int = 0
+    max_tokens: Optional[int] = None
+    pad_to_multiple_of: int = 1
 
 
 @dataclass(frozen=True)
@@ -133,13 +144,15 @@ class ModelConfig:
 class TrainConfig:
     """The training loop.  ``checkpoint_every``: also checkpoint every N optimizer steps (0: only
     at epoch ends).  ``max_steps``: stop after N optimizer steps in total (the checkpoint lets
-    ``resume`` continue).  ``weight_decay``: None keeps the optimizer's default."""
+    ``resume`` continue).  ``weight_decay``: None keeps the optimizer's default.
+    ``global_tokens``: real tokens per optimizer step on ragged inputs (``accumulate``)."""
 
     epochs: int = 3
     lr: float = 1e-3
     optimizer: str = "adamw"
     loss: str = "cross_entropy"
     global_batch_size: Optional[int] = None
+    global_tokens: Optional[int] = None
     seed: int = 0
     val_fraction: float = 0.0
     weight_decay: Optional[float] = None
@@ -228,8 +241,8 @@ def _loader(c: _Checker, raw: Any) -> LoaderConfig:
     values: Dict[str, Any] = {}
     if "batch_size" in d:
         value = d["batch_size"]
-        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int)
-                                or value < 1):
+        if value is not None and value != "auto" and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1):
             c.add("loader.batch_size", f'expected a positive integer or "auto", got {_show(value)}')
         else:
             values["batch_size"] = value
@@ -247,7 +260,7 @@ def _loader(c: _Checker, raw: Any) -> LoaderConfig:
                                             what="a positive integer of bytes", optional=True)
     if "device" in d:
         values["device"] = _device(c, d["device"])
-    for key in ("num_workers", "sample_bytes", "prefetch_depth"):
+    for key in ("num_workers", "sample_bytes", "prefetch_depth", "token_bytes"):
         if key in d:
             values[key] = c.count(f"loader.{key}", d[key])
     if "min_batch_size" in d:
@@ -255,6 +268,11 @@ def _loader(c: _Checker, raw: Any) -> LoaderConfig:
     if "max_batch_size" in d:
         values["max_batch_size"] = c.positive_int("loader.max_batch_size", d["max_batch_size"],
                                                   optional=True)
+    if "max_tokens" in d:
+        values["max_tokens"] = c.positive_int("loader.max_tokens", d["max_tokens"], optional=True)
+    if "pad_to_multiple_of" in d:
+        values["pad_to_multiple_of"] = c.positive_int("loader.pad_to_multiple_of",
+                                                      d["pad_to_multiple_of"])
     low = values.get("min_batch_size", defaults.min_batch_size)
     high = values.get("max_batch_size", defaults.max_batch_size)
     if low is not None and high is not None and high < low:
@@ -263,8 +281,8 @@ def _loader(c: _Checker, raw: Any) -> LoaderConfig:
     if values.get("order") == "sequential" and values.get("shuffle", defaults.shuffle):
         c.add("loader.order", "sequential contradicts loader.shuffle: true; set shuffle: false "
                               "or use order: shuffle or block")
-    clean = {k: v for k, v in values.items() if v is not None or k in ("order", "max_batch_size",
-                                                                         "memory_budget")}
+    nullable = ("order", "max_batch_size", "memory_budget", "max_tokens", "batch_size")
+    clean = {k: v for k, v in values.items() if v is not None or (k in nullable and d[k] is None)}
     return dataclasses.replace(defaults, **clean)
 
 
@@ -338,6 +356,9 @@ def _train(c: _Checker, raw: Any) -> TrainConfig:
     if "global_batch_size" in d:
         values["global_batch_size"] = c.positive_int("train.global_batch_size",
                                                      d["global_batch_size"], optional=True)
+    if "global_tokens" in d:
+        values["global_tokens"] = c.positive_int("train.global_tokens", d["global_tokens"],
+                                                 optional=True)
     if "seed" in d:
         values["seed"] = c.count("train.seed", d["seed"])
     if "val_fraction" in d:
@@ -351,7 +372,7 @@ def _train(c: _Checker, raw: Any) -> TrainConfig:
         values["checkpoint_every"] = c.count("train.checkpoint_every", d["checkpoint_every"])
     if "max_steps" in d:
         values["max_steps"] = c.positive_int("train.max_steps", d["max_steps"], optional=True)
-    nullable = ("global_batch_size", "weight_decay", "max_steps")
+    nullable = ("global_batch_size", "global_tokens", "weight_decay", "max_steps")
     clean = {k: v for k, v in values.items() if v is not None or (k in nullable and d[k] is None)}
     return dataclasses.replace(defaults, **clean)
 
@@ -360,9 +381,10 @@ def _train(c: _Checker, raw: Any) -> TrainConfig:
 # checks against the data itself
 
 
-def _check_data(c: _Checker, cfg: Config) -> Config:
+def _check_data(c: _Checker, cfg: Config) -> Tuple[Config, Optional[str]]:
     """Open the data (headers only) to check field names and model/loss fit; fill in
-    ``data.inputs``/``data.targets`` when they were not given."""
+    ``data.inputs``/``data.targets`` when they were not given.  Also returns the ragged
+    ``data.inputs`` field's name (next-token training), None for fixed-size inputs."""
     from gpuloader import models
     from gpuloader.dataset import open_dataset
     from gpuloader.errors import GpuLoaderError
@@ -377,7 +399,7 @@ def _check_data(c: _Checker, cfg: Config) -> Config:
         ds = open_dataset(data.path, **kwargs)
     except (GpuLoaderError, OSError, ValueError, TypeError) as exc:
         c.add("data.path", f"cannot open {data.path}: {_one_line(exc)}")
-        return cfg
+        return cfg, None
     try:
         available = list(ds.fields)
         specs = dict(ds.fields)
@@ -399,30 +421,37 @@ def _check_data(c: _Checker, cfg: Config) -> Config:
     if data.fields is not None:
         ok = [f for f in data.fields if known("data.fields", f, available)]
         if len(ok) != len(data.fields):
-            return cfg
+            return cfg, None
         usable = list(data.fields)
     inputs, targets = data.inputs, data.targets
     if inputs is None:
         inputs = usable[0]
     elif not known("data.inputs", inputs, usable):
-        return cfg
+        return cfg, None
+    if specs[inputs].ragged:  # next-token training (seqconfig.py)
+        if targets is not None and known("data.targets", targets, usable):
+            c.add("data.targets", f"{targets!r} given, but data.inputs {inputs!r} is a ragged "
+                                  f"token field: the model predicts its next token, which needs "
+                                  f"no targets; leave data.targets out")
+        check_sequence(c, cfg, inputs, specs[inputs])
+        return dataclasses.replace(cfg, data=dataclasses.replace(data, inputs=inputs)), inputs
     if targets is None:
         rest = [f for f in usable if f != inputs]
         if not rest:
             c.add("data.targets", f"required: {name} has no field besides the inputs "
                                   f"({inputs}) to train against")
-            return cfg
+            return cfg, None
         targets = rest[0]
     elif not known("data.targets", targets, usable):
-        return cfg
+        return cfg, None
     if targets == inputs:
         c.add("data.targets", f"is the same field as data.inputs ({inputs!r})")
-        return cfg
+        return cfg, None
     message = models.check_input_shape(cfg.model.name, specs[inputs].shape)
     if message is not None:
         c.add("model.name", f"{message} (field {inputs!r})")
     return dataclasses.replace(cfg, data=dataclasses.replace(data, inputs=inputs,
-                                                             targets=targets))
+                                                             targets=targets)), None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -470,13 +499,13 @@ def from_dict(raw: Any, overrides: Iterable[str] = (), *, default_output: str = 
         c.add("output", f"is a file, expected a directory: {output}")
     if c.problems or data is None or model is None or output is None:
         raise _problem(c.problems or ["config: invalid"])
-    if loader.batch_size == "auto" and train.global_batch_size is None:
-        train = dataclasses.replace(train, global_batch_size=DEFAULT_GLOBAL_BATCH)
     cfg = Config(data=data, loader=loader, model=model, train=train, output=output)
+    ragged = None
     if check_data:
-        cfg = _check_data(c, cfg)
-        if c.problems:
-            raise _problem(c.problems)
+        cfg, ragged = _check_data(c, cfg)
+    cfg = resolve_steps(c, cfg, ragged, known=check_data)
+    if c.problems:
+        raise _problem(c.problems)
     return cfg
 
 

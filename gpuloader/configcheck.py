@@ -10,6 +10,13 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from gpuloader.configfile import _show, expand_path
 
 
+def _megatron_prefix(path: str) -> bool:
+    """A Megatron-LM dataset is named by the prefix of its .bin/.idx pair (no such file)."""
+    from gpuloader.sources.binidx import is_binidx
+
+    return is_binidx(path)
+
+
 class _Checker:
     def __init__(self, base_dir: Optional[str] = None) -> None:
         self.problems: List[str] = []
@@ -116,7 +123,7 @@ class _Checker:
             self.add(key, str(exc))
             return None
         absolute = os.path.abspath(expanded)
-        if must_exist and not os.path.exists(absolute):
+        if must_exist and not os.path.exists(absolute) and not _megatron_prefix(absolute):
             hint = ""
             if self.base_dir and not os.path.isabs(expanded):
                 beside = os.path.abspath(os.path.join(self.base_dir, expanded))

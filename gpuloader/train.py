@@ -14,13 +14,18 @@ restores all of it, so the interrupted epoch continues with the samples not yet 
 none twice, none skipped — and its record covers the whole epoch.  The checkpoint is written
 before the metrics line; on resume, records the checkpoint has but metrics.jsonl lacks are
 appended, so the file ends with exactly one line per finished epoch.
+
+NOTE(partial-record): a run that ends at ``train.max_steps`` in the middle of an epoch (how
+sequence models usually train: by steps, not epochs) also appends a record of that epoch so far,
+marked ``"partial": true`` (validation included) and not kept in the checkpoint; if a resumed
+run finishes the epoch, its full record follows.  Interruptions (signals, the ``stop`` hook)
+write none: they are continued.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import datetime
-import math
 import os
 import time
 import warnings
@@ -28,12 +33,15 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
-from torch import nn
 
 from gpuloader import fit
 from gpuloader.config import Config, ConfigError, dump, load
 from gpuloader.errors import GpuLoaderError
 from gpuloader.interrupts import Signals, TrainingInterrupted, deferred_signals
+from gpuloader.objectives import (NextTokenObjective, RowObjective, class_labels, infer_outputs,
+                                  make_loss, make_optimizer, prepare_inputs, prepare_targets,
+                                  record_fields)
+from gpuloader.runsums import EpochSums, Recent, Stretch
 from gpuloader.runfiles import append_metrics, atomic_save, read_metrics, recorded_split
 from gpuloader.stats import rates
 
@@ -51,52 +59,6 @@ StopHook = Callable[[Dict[str, Any]], bool]
 # pieces
 
 
-def make_optimizer(name: str, params: Any, lr: float,
-                   weight_decay: Optional[float] = None) -> torch.optim.Optimizer:
-    """``adamw``, ``adam`` or ``sgd`` (momentum 0.9) over ``params``."""
-    extra = {} if weight_decay is None else {"weight_decay": weight_decay}
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, **extra)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, **extra)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, **extra)
-    raise ConfigError(f"train.optimizer: unknown optimizer {name!r}; valid optimizers: "
-                      "adamw, adam, sgd")
-
-
-def make_loss(name: str) -> nn.Module:
-    """``cross_entropy``, ``mse`` or ``bce_with_logits`` (mean over the batch)."""
-    losses = {"cross_entropy": nn.CrossEntropyLoss, "mse": nn.MSELoss,
-              "bce_with_logits": nn.BCEWithLogitsLoss}
-    if name not in losses:
-        raise ConfigError(f"train.loss: unknown loss {name!r}; valid losses: "
-                          f"{', '.join(losses)}")
-    return losses[name]()
-
-
-def class_labels(loss: str, spec: Any) -> bool:
-    """True when ``cross_entropy`` targets of this FieldSpec are class indices (integers, or
-    floats holding integers, one per sample) rather than per-class probabilities."""
-    return loss == "cross_entropy" and (len(spec.shape) == 0 or tuple(spec.shape) == (1,))
-
-
-def prepare_targets(loss: str, y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Targets in the dtype and shape ``loss`` needs for outputs ``out``: int64 class indices
-    of shape ``(B,)`` for cross_entropy labels; float32 shaped like ``out`` otherwise."""
-    if loss == "cross_entropy" and (y.dim() == 1 or (y.dim() == 2 and y.shape[1] == 1)):
-        return y.reshape(-1).long()
-    y = y.float()
-    if y.shape != out.shape and y.numel() == out.numel():
-        y = y.reshape(out.shape)
-    return y
-
-
-def prepare_inputs(x: torch.Tensor) -> torch.Tensor:
-    """Inputs as float32 (the built-in models' parameter dtype)."""
-    return x if x.dtype == torch.float32 else x.float()
-
-
 def _open(cfg: Config, fields: List[str]) -> Any:
     from gpuloader.dataset import open_dataset
 
@@ -108,47 +70,19 @@ def _open(cfg: Config, fields: List[str]) -> Any:
     return open_dataset(cfg.data.path, fields=fields, **kwargs)
 
 
-def _infer_outputs(cfg: Config, spec: Any, labels: Optional[Tuple[int, int]]) -> int:
-    """``model.outputs`` when the config leaves it out: classes (largest label + 1) for
-    cross_entropy labels, else the number of target values per sample."""
-    if labels is None:
-        return int(math.prod(spec.shape)) if spec.shape else 1
-    if labels[1] < 0:
-        raise ConfigError(f"model.outputs: cannot infer the number of classes: field "
-                          f"{cfg.data.targets!r} holds no non-negative labels; set model.outputs")
-    return labels[1] + 1
-
-
-@dataclasses.dataclass
-class _EpochSums:
-    """Running sums of one epoch (kept in checkpoints, NOTE(train-resume))."""
-
-    loss_sum: float = 0.0
-    samples: int = 0
-    steps: int = 0
-    bytes: int = 0
-    wait_s: float = 0.0
-    elapsed_s: float = 0.0
-    oom_count: int = 0
-    batch_sizes: List[int] = dataclasses.field(default_factory=list)
-    resumed: bool = False
-
-    def state(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
 # --------------------------------------------------------------------------------------------
 # the run
 
 
 class _Run:
-    """Everything one training run holds; built by ``run``."""
+    """Everything one training run holds; built by ``run``.  A ragged ``data.inputs`` field
+    (``data.targets`` None) trains by next-token prediction, fixed-size rows against targets:
+    one loop, two objectives (objectives.py)."""
 
     def __init__(self, cfg: Config, *, progress: bool, stop: Optional[StopHook],
                  split: Optional[Dict[str, int]] = None, signals: Optional[Signals] = None
                  ) -> None:
         from gpuloader.devices import resolve_device
-        from gpuloader.models import factory_options, resolve_factory
 
         self.cfg = cfg
         self.progress = progress
@@ -156,27 +90,20 @@ class _Run:
         self.signals = signals
         self.out = Path(cfg.output)
         data = cfg.data
-        fields = [data.inputs, data.targets]
+        self.sequence = data.targets is None  # config.py leaves it None for ragged inputs only
+        fields = [data.inputs] if self.sequence else [data.inputs, data.targets]
         self.ds = _open(cfg, fields)
         self.loaders: List[Any] = []
+        self.baseline: Dict[str, Any] = {}
         try:
             self.split = self._rows_split(split)
             self.n_train = len(self.split.train)
-            fit.check_fields(cfg, self.ds.fields)
             self.device = resolve_device(cfg.loader.device) or torch.device("cpu")
-            self.labels = class_labels(cfg.train.loss, self.ds.fields[data.targets])
-            label_range = self._label_range() if self.labels else None
-            outputs = cfg.model.kwargs.get("outputs")
-            if outputs is None:
-                outputs = _infer_outputs(cfg, self.ds.fields[data.targets], label_range)
-                accepted = factory_options(resolve_factory(cfg.model.name))
-                if accepted is None or "outputs" in accepted:  # record it in config.yaml
-                    self.cfg = dataclasses.replace(cfg, model=dataclasses.replace(
-                        cfg.model, options=tuple(sorted(
-                            dict(cfg.model.options, outputs=outputs).items()))))
-            self.outputs = int(outputs)
-            if label_range is not None:
-                fit.check_labels(cfg, self.outputs, *label_range)
+            self.outputs: Optional[int] = None
+            if self.sequence:
+                self.baseline = _unigram_baseline(self.cfg, self.ds)
+            else:
+                self._resolve_outputs()
             self._build_model()
             self._build_loaders()
         except BaseException:
@@ -185,8 +112,29 @@ class _Run:
         self.sample_nbytes = sum(self.ds.fields[f].sample_nbytes for f in fields)
         self.epochs_done = 0
         self.step = 0
-        self.sums = _EpochSums()
+        self.sums = EpochSums()
+        self.recent = Recent(self.device)
         self.records: List[Dict[str, Any]] = []
+
+    def _resolve_outputs(self) -> None:
+        """Fixed-size rows: check the fields and labels, infer ``model.outputs``."""
+        from gpuloader.models import factory_options, resolve_factory
+
+        cfg, data = self.cfg, self.cfg.data
+        fit.check_fields(cfg, self.ds.fields)
+        self.labels = class_labels(cfg.train.loss, self.ds.fields[data.targets])
+        label_range = self._label_range() if self.labels else None
+        outputs = cfg.model.kwargs.get("outputs")
+        if outputs is None:
+            outputs = infer_outputs(cfg, self.ds.fields[data.targets], label_range)
+            accepted = factory_options(resolve_factory(cfg.model.name))
+            if accepted is None or "outputs" in accepted:  # record it in config.yaml
+                self.cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+                    cfg.model, options=tuple(sorted(
+                        dict(cfg.model.options, outputs=outputs).items()))))
+        self.outputs = int(outputs)
+        if label_range is not None:
+            fit.check_labels(cfg, self.outputs, *label_range)
 
     def _label_range(self) -> Tuple[int, int]:
         ds = _open(self.cfg, [self.cfg.data.targets])  # the labels alone
@@ -214,10 +162,16 @@ class _Run:
                             input_shape=tuple(self.ds.fields[cfg.data.inputs].shape),
                             outputs=self.outputs)
         self.model = model.to(self.device)
-        self.loss_fn = make_loss(cfg.train.loss)
-        fit.dry_run(cfg, self.ds, self.model, self.loss_fn, self.device,
-                    prepare_inputs=prepare_inputs, prepare_targets=prepare_targets,
-                    outputs=self.outputs if self.labels else None)
+        self.objective: Union[RowObjective, NextTokenObjective]
+        if self.sequence:
+            self.objective = NextTokenObjective(self.model, cfg.data.inputs)
+            self.objective.dry_run(self.ds, self.device, cfg.model.name)
+        else:
+            self.objective = RowObjective(self.model, cfg.train.loss, cfg.data.inputs,
+                                          cfg.data.targets, labels=self.labels)
+            fit.dry_run(cfg, self.ds, self.model, make_loss(cfg.train.loss), self.device,
+                        prepare_inputs=prepare_inputs, prepare_targets=prepare_targets,
+                        outputs=self.outputs if self.labels else None)
         self.optimizer = make_optimizer(cfg.train.optimizer, self.model.parameters(),
                                         cfg.train.lr, cfg.train.weight_decay)
 
@@ -229,6 +183,8 @@ class _Run:
                       memory_fraction=lc.memory_fraction, memory_budget=lc.memory_budget,
                       sample_bytes=lc.sample_bytes, min_batch_size=lc.min_batch_size,
                       max_batch_size=lc.max_batch_size, prefetch_depth=lc.prefetch_depth)
+        if self.sequence:
+            common.update(_token_options(cfg))
         split = self.split
         train_ds = self.ds if split.val_rows == 0 else torch.utils.data.Subset(
             self.ds, split.train.tolist())
@@ -266,6 +222,7 @@ class _Run:
             "epochs_done": self.epochs_done,
             "step": self.step,
             "epoch_sums": self.sums.state(),
+            "recent": self.recent.state(),
             "records": self.records,
             "rng": torch.get_rng_state(),
             "config": self.cfg.to_dict(),
@@ -291,40 +248,29 @@ class _Run:
                               f"{str(exc).strip().splitlines()[0]}") from None
         self.epochs_done = int(state["epochs_done"])
         self.step = int(state["step"])
-        self.sums = _EpochSums(**state["epoch_sums"])
+        self.sums = EpochSums(**state["epoch_sums"])
+        if "recent" in state:
+            self.recent.load(state["recent"])
         self.records = list(state["records"])
         torch.set_rng_state(state["rng"])
         metrics = self.out / METRICS
-        written = {r.get("epoch") for r in read_metrics(metrics)}
+        written = {r.get("epoch") for r in read_metrics(metrics) if not r.get("partial")}
         append_metrics(metrics, [r for r in self.records if r.get("epoch") not in written])
 
     # -- the loop ------------------------------------------------------------------------------
     def _batches(self) -> Iterator[Tuple[List[Tuple[Any, float]], bool]]:
         """Per optimizer step: an iterable of ``(batch, weight)`` micro-batches."""
-        gbs = self.cfg.train.global_batch_size
-        if gbs is None:
+        train = self.cfg.train
+        if train.global_tokens is not None:
+            steps: Any = self.loader.accumulate(global_tokens=train.global_tokens)
+        elif train.global_batch_size is not None:
+            steps = self.loader.accumulate(train.global_batch_size)
+        else:
             for batch in self.loader:
                 yield [(batch, 1.0)], False
-        else:
-            for step in self.loader.accumulate(gbs):
-                yield step, True  # type: ignore[misc]
-
-    def _split(self, batch: Any) -> Tuple[torch.Tensor, torch.Tensor]:
-        return (prepare_inputs(batch[self.cfg.data.inputs]), batch[self.cfg.data.targets])
-
-    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor,
-                          weight: Optional[float]) -> torch.Tensor:
-        """Forward and backward of one micro-batch; returns the loss, detached.
-
-        A method of its own so that the activations (``out``, the graph behind ``loss``) are
-        locals of a frame that ends when an out-of-memory error leaves it: ``oom_guard`` can
-        then free them before it re-plans.  Bound in the loop body, they would live on through
-        the guard's ``gc`` and ``empty_cache``, and the retry would run next to them.
-        """
-        out = self.model(x)
-        loss = self.loss_fn(out, prepare_targets(self.cfg.train.loss, y, out))
-        (loss * weight if weight is not None else loss).backward()
-        return loss.detach()
+            return
+        for step in steps:
+            yield step, True
 
     def train_epoch(self, epoch: int) -> bool:
         """Train (the rest of) ``epoch``; False when the run stopped early."""
@@ -332,81 +278,78 @@ class _Run:
         self.loader.set_epoch(epoch)
         self.loader.stats_reset()
         started = time.perf_counter()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        samples_here = 0
-        base_samples = self.sums.samples
+        run = Stretch(self.device)
         bar = None
         if self.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=self.n_train, initial=base_samples, unit="sample",
+            bar = tqdm(total=self.n_train, initial=self.sums.samples, unit="sample",
                        unit_scale=True, dynamic_ncols=True, leave=True,
                        desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}")
         stopped = False
         try:
             for micro_batches, accumulating in self._batches():
-                step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
-                step_samples = 0
+                step = Stretch(self.device)
                 failed = False
                 for batch, weight in micro_batches:
-                    x, y = self._split(batch)
                     guard = self.loader.oom_guard(self.optimizer)
-                    with guard:
-                        loss = self._forward_backward(x, y, weight if accumulating else None)
+                    with guard:  # the activations live in micro()'s frame: the guard frees them
+                        part = self.objective.micro(batch, weight if accumulating else None)
                     if guard.failed:
                         # NOTE(exactly-once) in adaptive.py: with an optimizer the guard rewinds
                         # to the start of the step and zeroes the gradients, so the step's
                         # micro-batches come again; forget what they added.
                         failed = True
-                        step_loss.zero_()
-                        step_samples = 0
+                        step = Stretch(self.device)
                         continue
-                    b = int(x.shape[0])
-                    step_loss += loss.double() * b
-                    step_samples += b
+                    step.add(part)
                 if failed and not accumulating:
                     continue  # rolled back: the same samples come again, smaller
-                if step_samples == 0:
+                if step.samples == 0:
                     continue
+                self.objective.finish(step.count)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
-                loss_sum += step_loss
-                samples_here += step_samples
+                run.add(step)
+                self.recent.add(step.loss_sum, step.count)
                 size = self.loader.batch_size
                 if size is not None and size not in self.sums.batch_sizes:
                     self.sums.batch_sizes.append(int(size))
                 if bar is not None:
-                    bar.update(step_samples)
+                    bar.update(step.samples)
                     st = self.loader.stats()
-                    bar.set_postfix(bs=self.loader.batch_size,
-                                    stall=f"{100 * st['stall_fraction']:.0f}%", refresh=False)
+                    live = (f"max_tokens={st['max_tokens']}" if st["max_tokens"] is not None
+                            else f"bs={self.loader.batch_size}")
+                    bar.set_postfix_str(f"{live}, stall={100 * st['stall_fraction']:.0f}%",
+                                        refresh=False)
                 if self._should_stop():
                     stopped = True
                     break
                 every = self.cfg.train.checkpoint_every
                 if every and self.step % every == 0:
-                    self._fold(loss_sum, samples_here, started)
-                    loss_sum.zero_()
-                    samples_here, started = 0, time.perf_counter()
+                    self._fold(run, started)
+                    run, started = Stretch(self.device), time.perf_counter()
                     self.loader.stats_reset()
                     self.checkpoint()
         finally:
             if bar is not None:
                 bar.close()
-        self._fold(loss_sum, samples_here, started)
+        self._fold(run, started)
         if stopped:
             self.checkpoint()
         return not stopped
 
-    def _fold(self, loss_sum: torch.Tensor, samples: int, started: float) -> None:
+    def _fold(self, run: Stretch, started: float) -> None:
         """Add this stretch's sums (since ``started``) to the epoch's."""
         st = self.loader.stats()
         s = self.sums
-        s.loss_sum += float(loss_sum.item())
-        s.samples += samples
+        s.loss_sum += float(run.loss_sum.item())
+        s.samples += run.samples
+        s.count += run.count
+        s.tokens += run.tokens
         s.steps = self.step
-        s.bytes += samples * self.sample_nbytes
+        s.bytes += (run.tokens if self.sequence else run.samples) * self.sample_nbytes
         s.wait_s += float(st["wait_s"])
         s.oom_count += int(st["oom_count"])  # the loader counts rollbacks: one counter
         s.elapsed_s += time.perf_counter() - started
@@ -426,21 +369,16 @@ class _Run:
             return {}
         self.model.eval()
         loader.set_epoch(0)
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        total = Stretch(self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
-        count = 0
         for batch in loader:
-            x, y = self._split(batch)
-            out = self.model(x)
-            target = prepare_targets(self.cfg.train.loss, y, out)
-            b = int(x.shape[0])
-            total += self.loss_fn(out, target).double() * b
-            if self.labels:
-                correct += (out.argmax(dim=1) == target).sum()
-            count += b
-        result = {"val_loss": float(total.item()) / max(1, count)}
-        if self.labels:
-            result["val_accuracy"] = float(correct.item()) / max(1, count)
+            part, right = self.objective.evaluate(batch)
+            total.add(part)
+            if right is not None:
+                correct += right
+        result = {"val_loss": float(total.loss_sum.item()) / max(1, total.count)}
+        if not self.sequence and self.labels:
+            result["val_accuracy"] = float(correct.item()) / max(1, total.count)
         return result
 
     def epoch_record(self, epoch: int) -> Dict[str, Any]:
@@ -448,7 +386,9 @@ class _Run:
         rate = rates(s.samples, s.bytes, s.elapsed_s, s.wait_s)
         record: Dict[str, Any] = {
             "epoch": epoch + 1,
-            "loss": s.loss_sum / max(1, s.samples),
+            "loss": s.loss_sum / max(1, s.count if self.sequence else s.samples),
+            "loss_per": self.objective.unit,
+            **self.recent.fields(),
             "samples": s.samples,
             "step": s.steps,
             "samples_per_s": rate.samples_per_s,
@@ -463,8 +403,39 @@ class _Run:
             "resumed": s.resumed,
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
+        record.update(record_fields(self.objective.unit, s, dict(
+            max_tokens=self.loader.max_tokens, **self.baseline)))
         record.update(self.validate())
         return record
+
+
+def _token_options(cfg: Config) -> Dict[str, Any]:
+    """DataLoader options of next-token training: the token budget and padding.  Under auto the
+    planned ``max_tokens`` is at most ``loader.max_tokens`` and ``train.global_tokens``: a
+    larger micro-batch could only make a larger step (NOTE(config-global-batch))."""
+    lc = cfg.loader
+    caps = [v for v in (lc.max_tokens, cfg.train.global_tokens if lc.batch_size == "auto"
+                        else None) if v is not None]
+    options: Dict[str, Any] = {"pad_to_multiple_of": lc.pad_to_multiple_of,
+                               "max_tokens": min(caps) if caps else None}
+    if lc.batch_size == "auto":
+        options["token_bytes"] = lc.token_bytes
+    return options
+
+
+def _unigram_baseline(cfg: Config, ds: Any) -> Dict[str, Any]:
+    """The entropy per token of the corpus' token frequencies (the loss of the best model that
+    ignores context), recorded beside the loss; ConfigError for bytelm on tokens >= 256."""
+    from gpuloader.bytelm import VOCAB, corpus_unigram_entropy
+
+    entropy, counted, largest = corpus_unigram_entropy(ds, cfg.data.inputs)
+    if cfg.model.name == "bytelm" and largest >= VOCAB:
+        raise ConfigError(f"model.name: bytelm embeds bytes 0..{VOCAB - 1}, but data.inputs "
+                          f"{cfg.data.inputs!r} holds token ids up to {largest}; use a model "
+                          'of your own ("package.module:factory") for larger vocabularies')
+    if entropy is None:
+        return {}
+    return {"unigram_entropy": entropy, "unigram_tokens": counted}
 
 
 def run(config: Union[Config, str, "os.PathLike[str]"], resume: bool = False, *,
@@ -523,13 +494,18 @@ def _train_epochs(r: _Run, cfg: Config, *, resume: bool,
         if r.signals is not None and r.signals.signum is not None:
             break  # arrived after the last checkpoint of the previous epoch
         if not r.train_epoch(epoch):
+            if limit is not None and r.step >= limit:  # NOTE(partial-record)
+                record = dict(r.epoch_record(epoch), partial=True)
+                append_metrics(out / METRICS, [record])
+                new_records.append(record)
+                say(_format_record(record))
             if r.signals is None or r.signals.signum is None:
                 say(f"stopped after step {r.step}; checkpoint in {ckpt} (resume with --resume)")
             break
         record = r.epoch_record(epoch)
         r.records.append(record)
         r.epochs_done = epoch + 1
-        r.sums = _EpochSums()
+        r.sums = EpochSums()
         r.checkpoint()
         append_metrics(out / METRICS, [record])
         new_records.append(record)
@@ -544,10 +520,18 @@ def _train_epochs(r: _Run, cfg: Config, *, resume: bool,
 
 
 def _format_record(record: Dict[str, Any]) -> str:
-    text = (f"epoch {record['epoch']}: loss {record['loss']:.4f}, "
-            f"{record['samples_per_s']:,.0f} samples/s, batch {record['batch_size']}, "
-            f"{record.get('path', '?')} path, "
-            f"stall {100 * record['stall_fraction']:.1f}%")
+    if record.get("loss_per") == "token":
+        text = (f"epoch {record['epoch']}: loss {record['loss']:.4f} nats/token (last "
+                f"{record['recent_steps']} steps {record['recent_loss']:.4f})")
+        if "unigram_entropy" in record:
+            text += f", unigram entropy {record['unigram_entropy']:.4f}"
+        text += (f", {record['tokens_per_s']:,.0f} tokens/s, max_tokens {record['max_tokens']}, "
+                 f"{record['oom_count']} OOMs, stall {100 * record['stall_fraction']:.1f}%")
+    else:
+        text = (f"epoch {record['epoch']}: loss {record['loss']:.4f}, "
+                f"{record['samples_per_s']:,.0f} samples/s, batch {record['batch_size']}, "
+                f"{record.get('path', '?')} path, "
+                f"stall {100 * record['stall_fraction']:.1f}%")
     if "val_loss" in record:
         text += f", val_loss {record['val_loss']:.4f}"
     if "val_accuracy" in record:

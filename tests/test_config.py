@@ -129,7 +129,8 @@ ERRORS = [
     (["loader.batchsize=64"], "loader.batchsize: unknown key; did you mean batch_size?"),
     (["loader.zzz=1"], "loader.zzz: unknown key; valid keys: batch_size, shuffle, order, "
                        "memory_fraction, memory_budget, device, num_workers, sample_bytes, "
-                       "min_batch_size, max_batch_size, prefetch_depth, drop_last"),
+                       "min_batch_size, max_batch_size, prefetch_depth, drop_last, token_bytes, "
+                       "max_tokens, pad_to_multiple_of"),
     (["train.epoch=3"], "train.epoch: unknown key; did you mean epochs?"),
     (["datta.path=x"], "datta: unknown key; did you mean data?"),
     (["train.epochs=-1"], "train.epochs: expected a positive integer, got -1"),
@@ -164,7 +165,8 @@ ERRORS = [
      "order: shuffle or block"),
     (["loader=5"], "loader: expected a mapping of keys (batch_size, shuffle, order, "
                    "memory_fraction, memory_budget, device, num_workers, sample_bytes, "
-                   "min_batch_size, max_batch_size, prefetch_depth, drop_last), got 5"),
+                   "min_batch_size, max_batch_size, prefetch_depth, drop_last, token_bytes, "
+                   "max_tokens, pad_to_multiple_of), got 5"),
     (["model.name=resnet"], "model.name: unknown model 'resnet'; valid models: mlp, cnn, bytelm, or "
                             "\"package.module:factory\" for your own"),
     (["model.name=gl_no_such_pkg_xyz:make"],

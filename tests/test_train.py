@@ -108,12 +108,15 @@ def test_resume_mid_epoch_continues_exactly(tmp_path: Path, gbs: Optional[int]) 
 
 def test_max_steps_stops_and_resume_finishes(tmp_path: Path) -> None:
     cfg = _config(tmp_path, "train.max_steps=5", "train.epochs=1")
-    assert train.run(cfg) == []
-    assert not (Path(cfg.output) / train.METRICS).exists()
+    partial = train.run(cfg)  # NOTE(partial-record): the epoch so far, marked partial
+    assert [(r["epoch"], r["samples"], r["step"], r["partial"]) for r in partial] == [
+        (1, 500, 5, True)]
+    assert _metrics(cfg) == partial
     again = train.run(cfg, resume=True)  # max_steps already reached: nothing happens
     assert again == []
     done = train.run(_config(tmp_path, "train.epochs=1"), resume=True)
     assert [(r["epoch"], r["samples"], r["step"]) for r in done] == [(1, N, N // 100)]
+    assert "partial" not in done[0] and _metrics(cfg) == partial + done
 
 
 def test_checkpoint_every_and_missing_metrics_line(tmp_path: Path) -> None:
