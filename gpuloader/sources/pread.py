@@ -14,7 +14,8 @@ NOTE(cold-probe): the decision reads up to :data:`PROBE_RUNS` of the batch's row
 it, with ``preadv(..., RWF_NOWAIT)``, which fails with EAGAIN (or reads short) instead of
 waiting for storage.  All of them served: the batch is taken to be cached and gathered from the
 map (the probed rows are simply read twice, ~2 us each).  The first miss: the whole batch goes
-to the pool.
+to the pool.  Batches after a cached probe skip it for a while (NOTE(probe-backoff)), so warm
+epochs barely pay for it.
 Filesystems without RWF_NOWAIT always take the warm path (the behaviour before this module).
 
 NOTE(io-leases): the pool belongs to the process and runs only while some reader holds a lease
@@ -22,6 +23,14 @@ NOTE(io-leases): the pool belongs to the process and runs only while some reader
 Without a lease — a user's own ``dataset[i]``, torch's DataLoader — reads take the warm path,
 so no thread is ever started behind a caller's back, and the last ``release()`` joins the
 threads, so none outlives the loader's ``close()``.
+
+NOTE(cache-fill): a file that fits in memory is best read once, sequentially, at the disk's
+full speed: every byte of it is needed within the epoch anyway.  The first cold batch of such
+a file therefore also queues a background task that hints the whole file into the page cache
+(``POSIX_FADV_WILLNEED``, a step at a time); batches read meanwhile still go to the pool, and
+turn warm as the fill passes their rows.  (A memory map gets a weaker form of this for free:
+each page fault reads ~128 KB around the faulting row.)  Files larger than that are read row
+by row: a fill would evict its own beginning before the epoch reaches it.
 """
 from __future__ import annotations
 
@@ -29,15 +38,25 @@ import errno
 import os
 import threading
 from collections import deque
-from typing import Deque, List, Optional, Tuple
+from typing import Callable, Deque, List, Optional, Tuple
 
 import numpy as np
+import psutil
 
 #: Reads in flight at once (threads of the pool).  Measured on this project's VM disk: 32
 #: threads of one-row reads reach ~42k rows/s cold, 8 threads ~24k, 64 no more than 32.
 IO_THREADS = 32
 #: Rows probed with RWF_NOWAIT per batch (NOTE(cold-probe)).
 PROBE_RUNS = 8
+#: NOTE(probe-backoff): after a probe finds a batch cached, the next ``interval`` batches are
+#: gathered unprobed, the interval doubling per cached probe up to this; a cold probe resets it.
+#: Warm epochs then pay for one probe in 16 batches; a file that turns cold is gathered through
+#: page faults for at most that many batches before the pool takes over again.
+MAX_PROBE_INTERVAL = 16
+#: NOTE(cache-fill): a cold file no larger than this fraction of the available memory is read
+#: whole into the page cache in the background, FILL_STEP bytes at a time.
+FILL_FRACTION = 0.5
+FILL_STEP = 8 << 20
 #: Longer runs are split into requests of this many bytes, so one long run is read in parallel.
 MAX_REQUEST_BYTES = 256 << 10
 
@@ -45,21 +64,23 @@ _NOWAIT = getattr(os, "RWF_NOWAIT", None)
 
 
 class _Job:
-    """One batch of requests: ``(buffer, file offset)`` pairs for one file descriptor."""
+    """Work for the pool: ``count`` items, item ``k`` done by ``run(k)``.  A read job is waited
+    for (``done``; ``error`` holds its first failure); a background task has no waiter."""
 
-    __slots__ = ("fd", "requests", "claimed", "left", "error", "done")
+    __slots__ = ("run", "count", "claimed", "left", "error", "done")
 
-    def __init__(self, fd: int, requests: List[Tuple[memoryview, int]]) -> None:
-        self.fd = fd
-        self.requests = requests
+    def __init__(self, run: Callable[[int], None], count: int) -> None:
+        self.run = run
+        self.count = count
         self.claimed = 0
-        self.left = len(requests)
+        self.left = count
         self.error: Optional[BaseException] = None
         self.done = threading.Event()
 
 
 class IoPool:
-    """``threads`` daemon threads that execute positional reads; see NOTE(io-leases).
+    """``threads`` daemon threads that execute positional reads and background tasks; see
+    NOTE(io-leases).
 
     Lifetime: threads start in the constructor and are joined by :meth:`close`.
     """
@@ -73,20 +94,35 @@ class IoPool:
         for t in self._threads:
             t.start()
 
+    @property
+    def closing(self) -> bool:
+        """True once :meth:`close` was called: long background tasks stop at their next step."""
+        return self._stop
+
     def read(self, fd: int, requests: List[Tuple[memoryview, int]]) -> None:
         """Fill every ``buffer`` with the bytes of ``fd`` at its offset; blocks until all are
         read.  Raises the first OSError (or EOFError for a file shorter than a request)."""
         if not requests:
             return
-        job = _Job(fd, requests)
+        job = _Job(lambda k: read_fully(fd, *requests[k]), len(requests))
+        self._put(job)
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+
+    def submit(self, task: Callable[[], None]) -> None:
+        """Run ``task()`` on one pool thread, without waiting for it.  Tasks are hints (a fill
+        of the page cache, a decompression ahead of need): one that fails with an OSError or
+        EOFError is dropped, and the read that needed its work redoes it and reports the
+        error."""
+        self._put(_Job(lambda _: task(), 1))
+
+    def _put(self, job: _Job) -> None:
         with self._cond:
             if self._stop:
                 raise RuntimeError("gpuloader: the I/O pool was closed")
             self._jobs.append(job)
-            self._cond.notify_all()
-        job.done.wait()
-        if job.error is not None:
-            raise job.error
+            self._cond.notify(job.count)  # wake as many threads as there are items, no more
 
     def _run(self) -> None:
         while True:
@@ -98,12 +134,11 @@ class IoPool:
                 job = self._jobs[0]
                 k = job.claimed
                 job.claimed += 1
-                if job.claimed == len(job.requests):
+                if job.claimed == job.count:
                     self._jobs.popleft()
-            buf, offset = job.requests[k]
             try:
                 if job.error is None:
-                    read_fully(job.fd, buf, offset)
+                    job.run(k)
             except (OSError, EOFError) as exc:  # handed to the caller of read()
                 job.error = exc
             with self._cond:
@@ -113,7 +148,8 @@ class IoPool:
 
     def close(self) -> None:
         """Stop and join the threads (queued jobs are finished first by nobody: callers of
-        :meth:`read` hold leases, so there are none when the last lease is released)."""
+        :meth:`read` hold leases, so there are none when the last lease is released; running
+        tasks see :attr:`closing` and return)."""
         with self._cond:
             self._stop = True
             self._cond.notify_all()
@@ -222,6 +258,10 @@ class RowFile:
         self.path = path
         self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         self.probes = _NOWAIT is not None
+        self._skip = 0  # batches left to gather unprobed (NOTE(probe-backoff))
+        self._interval = 0
+        self._filling = False  # a fill of this file is queued or running (NOTE(cache-fill))
+        self._closed = False
 
     def read(self, offsets: np.ndarray, out: np.ndarray) -> bool:
         """Read row ``k`` from byte ``offsets[k]`` into ``out[k]`` if the rows are cold (see
@@ -229,8 +269,17 @@ class RowFile:
         if not self.probes or len(offsets) == 0 or not out.flags.c_contiguous or out.size == 0:
             return False
         pool = active_pool()
-        if pool is None or self._cached(offsets, out):
+        if pool is None:
             return False
+        if self._skip > 0:  # NOTE(probe-backoff); threads race on these counters harmlessly
+            self._skip -= 1
+            return False
+        if self._cached(offsets, out):
+            self._interval = min(MAX_PROBE_INTERVAL, max(1, 2 * self._interval))
+            self._skip = self._interval
+            return False
+        self._interval = self._skip = 0
+        self._fill_if_it_fits(pool)
         pool.read(self.fd, requests_for(offsets, out, out.nbytes // len(out)))
         return True
 
@@ -253,13 +302,43 @@ class RowFile:
                 return False
         return True
 
+    def _fill_if_it_fits(self, pool: IoPool) -> None:
+        """NOTE(cache-fill): queue a background read of the whole file into the page cache when
+        it fits in FILL_FRACTION of the available memory and no fill is under way."""
+        if self._filling:
+            return
+        size = os.fstat(self.fd).st_size
+        if size > FILL_FRACTION * psutil.virtual_memory().available:
+            return
+        self._filling = True
+        pool.submit(lambda: self._fill(pool, size))
+
+    def _fill(self, pool: IoPool, size: int) -> None:
+        """Hint the file's bytes FILL_STEP at a time (each WILLNEED returns once its reads are
+        queued, which paces the loop at the disk's speed); stops early when the pool or this
+        file closes.  Its own fd: this one may be closed (and its number reused) meanwhile."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            self._filling = False
+            return
+        try:
+            for offset in range(0, size, FILL_STEP):
+                if pool.closing or self._closed:
+                    break
+                os.posix_fadvise(fd, offset, FILL_STEP, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+            self._filling = False
+
     def will_need(self, offset: int, nbytes: int) -> None:
         """Ask the kernel to start reading ``nbytes`` at ``offset`` (POSIX_FADV_WILLNEED)."""
         if nbytes > 0 and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self.fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
 
     def close(self) -> None:
-        """Close the fd (idempotent)."""
+        """Close the fd (idempotent); a running fill stops at its next step."""
+        self._closed = True
         fd, self.fd = self.fd, -1
         if fd >= 0:
             os.close(fd)
