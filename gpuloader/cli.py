@@ -348,7 +348,9 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                        "compare with torch's DataLoader",
                        description="A first run: makes a cached synthetic dataset, trains a small "
                        "MLP with batch_size='auto' on the best device, and compares with "
-                       "torch.utils.data.DataLoader.")
+                       "torch.utils.data.DataLoader.  --text: converts the standard "
+                       "library's sources to byte tokens and trains a byte-level language "
+                       "model with token budgets planned from free memory.")
     from gpuloader import demo  # light: numpy only at import
 
     demo.add_arguments(p)

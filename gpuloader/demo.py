@@ -36,6 +36,7 @@ __all__ = ["DemoData", "cache_root", "demo_data", "add_arguments", "main"]
 DEFAULT_SAMPLES = 250_000
 DEFAULT_FEATURES = 256
 DEFAULT_CLASSES = 10
+DEFAULT_TEXT_STEPS = 150
 _GEN_BLOCK_BYTES = 32 << 20
 
 
@@ -439,10 +440,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--hidden", type=positive_ints, default=(64,),
                         help="hidden layer widths of the MLP, comma-separated (default 64)")
+    parser.add_argument("--text", action="store_true",
+                        help="the sequence-model path instead: convert the standard library's "
+                             "*.py sources to byte tokens, train bytelm with batch_size auto "
+                             "(token budgets from memory), loss vs unigram entropy")
+    parser.add_argument("--text-source", default=None, metavar="DIR",
+                        help="--text: a folder of *.py files (default: the standard library)")
+    parser.add_argument("--text-steps", type=positive_int, default=DEFAULT_TEXT_STEPS,
+                        metavar="N", help=f"--text: optimizer steps (default "
+                                          f"{DEFAULT_TEXT_STEPS})")
 
 
 def main(args: argparse.Namespace) -> int:
     """Run the demo; returns the exit status."""
+    if args.text:
+        from gpuloader import textdemo
+
+        return textdemo.main(args)
     say = print
     t0 = time.perf_counter()
     data = demo_data(samples=args.samples, features=args.features, classes=args.classes,

@@ -330,11 +330,20 @@ def test_examples_point_at_the_demo_cache(monkeypatch: pytest.MonkeyPatch,
     with h5py.File(root / "data.h5", "w") as f:
         f["x"] = np.zeros((4, DEFAULT_FEATURES), np.float32)
         f["y"] = np.zeros(4, np.int64)
+    monkeypatch.chdir(tmp_path)  # examples/text.yaml reads stdlib_text from here
+    from gpuloader.ragged_convert import write_tokens
+
+    write_tokens([b"print(1)\n", b"x = 2\n"], tmp_path / "stdlib_text.bin")
     examples = sorted((REPO / "examples").glob("*.yaml"))
-    assert {p.name for p in examples} >= {"npy.yaml", "hdf5.yaml", "global_batch.yaml"}
+    assert {p.name for p in examples} >= {"npy.yaml", "hdf5.yaml", "global_batch.yaml",
+                                          "text.yaml"}
     for path in examples:
         cfg = load(path, ["loader.device=cpu"])
-        assert cfg.data.path.startswith(str(root))
+        if path.name == "text.yaml":  # made by the convert command in its header
+            assert cfg.data.path == str(tmp_path / "stdlib_text")
+            assert cfg.data.targets is None and cfg.model.name == "bytelm"
+        else:
+            assert cfg.data.path.startswith(str(root))
 
 
 # -------------------------------------------------------------------------------- bench
