@@ -83,11 +83,7 @@ class RaggedOptions:
                                     f"fixed-size samples")
             return None
         if batch_size is None:
-            raise ArgumentError(
-                f"batch_size=None on a dataset with ragged fields {list(ragged)}: give "
-                f'batch_size="auto" (max_tokens planned from memory, NOTE(auto-tokens) in '
-                f"tokenplan.py) or max_tokens=<int> (padded tokens per batch) and optionally "
-                f"an int batch_size as a cap on samples per batch")
+            raise no_batch_size(ragged)
         for name, dtype in (dtypes or {}).items():
             try:
                 ok = np.array(pad_value).astype(dtype) == np.array(pad_value)
@@ -100,6 +96,16 @@ class RaggedOptions:
         cap = None if batch_size == "auto" or (max_tokens is not None and batch_size == 1) \
             else int(batch_size)
         return RaggedOptions(max_tokens, pad_value, multiple, bool(packed), window, cap)
+
+
+def no_batch_size(ragged: Sequence[str]) -> ArgumentError:
+    """The error for ``batch_size=None`` (no batching) on a dataset with ``ragged`` fields."""
+    return ArgumentError(
+        f"batch_size=None on a dataset with ragged fields {list(ragged)}: ragged samples are "
+        f'batched by gpuloader; give batch_size="auto" (max_tokens planned from free memory '
+        f"and token_bytes=), or max_tokens=<int> (padded tokens per batch) with an int "
+        f"batch_size capping samples per batch (1, the default: no cap), or an int batch_size "
+        f"alone (padded batches of that many samples)")
 
 
 def planning_lengths(source: Source, index_map: Optional[np.ndarray]) -> np.ndarray:
@@ -300,6 +306,9 @@ class RaggedWiring:
         that plans ``max_tokens`` (at most the one given; ``max_samples`` caps samples)."""
         fields = view.fields if view is not None else None
         ragged = ragged_names(fields) if fields is not None else []
+        ragged_fields = getattr(getattr(dataset, "dataset", dataset), "ragged_fields", None)
+        if view is None and batch_size is None and ragged_fields:
+            raise no_batch_size(ragged_fields)
         if view is None and getattr(dataset, "ragged_fields", None):
             raise ArgumentError(
                 f"the dataset's ragged fields {dataset.ragged_fields} need gpuloader's batched "

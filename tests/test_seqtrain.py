@@ -270,3 +270,17 @@ def test_cli_trains_and_reports_one_line_errors(tmp_path: Path, corpus: Path,
     out, err = capsys.readouterr()
     assert code == 2 and len(err.splitlines()) == 1
     assert err.startswith("gpuloader: error: loader.batch_size: null on ragged data.inputs")
+
+
+@pytest.mark.parametrize("subset", [False, True])
+def test_loader_without_batch_size_on_ragged_data_says_what_to_give(corpus: Path,
+                                                                    subset: bool) -> None:
+    ds: Any = gl.open_dataset(corpus)
+    if subset:
+        ds = torch.utils.data.Subset(ds, [0, 1, 2])
+    for extra in ({}, {"max_tokens": 100}):
+        with pytest.raises(ValueError, match=r"^batch_size=None on a dataset with ragged fields "
+                                             r"\['tokens'\]: ragged samples are batched by "
+                                             r'gpuloader; give batch_size="auto" \(max_tokens '
+                                             r"planned from free memory and token_bytes=\)"):
+            gl.DataLoader(ds, batch_size=None, **extra)
