@@ -133,20 +133,15 @@ def test_cold_rows_are_read_by_the_pool_warm_rows_gathered(tmp_path, leased):
 
 
 class CountingPool:
-    """Stands in for the I/O pool: reads synchronously, records submitted tasks."""
+    """Stands in for the I/O pool: reads synchronously, counts its jobs."""
 
     def __init__(self) -> None:
         self.reads = 0
-        self.tasks: list = []
-        self.closing = False
 
-    def read(self, fd, requests) -> None:
+    def read(self, fd, requests, around=0) -> None:
         self.reads += 1
         for buf, offset in requests:
             pread.read_fully(fd, buf, offset)
-
-    def submit(self, task) -> None:
-        self.tasks.append(task)
 
 
 @nowait
@@ -165,59 +160,49 @@ def test_cached_probes_back_off_and_a_cold_probe_resets_them(tmp_path, monkeypat
     try:
         for _ in range(60):
             reads.append(rows.read(128 + idx * 256, out))
-        # warm: probe, skip 1, probe, skip 2, probe, skip 4, ... up to MAX_PROBE_INTERVAL (16)
-        assert not any(reads) and probes == [0, 2, 5, 10, 19, 36, 53]
+        # warm: probe, probe, skip 1, probe, skip 2, probe, skip 4, ... up to 16 (the backoff
+        # starts at the second cached probe in a row)
+        assert not any(reads) and probes == [0, 1, 3, 6, 11, 20, 37, 54]
         if not drop_from_cache(path):
             pytest.skip("this filesystem keeps the file cached after POSIX_FADV_DONTNEED")
         rows._skip = 0  # the cache was dropped behind its back: the next probe sees it
         assert rows.read(128 + idx * 256, out) is True and pool.reads == 1
         np.testing.assert_array_equal(out, x[idx])
-        assert rows._interval == 0  # every following batch is probed again
+        assert rows._interval == rows._hits == 0  # every following batch is probed again
     finally:
         rows.close()
 
 
 @nowait
 @pytest.mark.parametrize("fits", [True, False])
-def test_a_cold_file_that_fits_in_memory_is_filled_into_the_cache(tmp_path, monkeypatch, fits):
+def test_a_cold_file_that_fits_in_memory_is_read_around_its_rows(tmp_path, monkeypatch, fits):
     path = tmp_path / "x.npy"
-    np.save(path, np.arange(400_000, dtype=np.int64).reshape(-1, 8))
+    np.save(path, np.arange(400_000, dtype=np.int64).reshape(-1, 8))  # 50,000 rows of 64 B
     if not drop_from_cache(path):
         pytest.skip("this filesystem keeps the file cached after POSIX_FADV_DONTNEED")
-    pool = CountingPool()
-    monkeypatch.setattr(pread, "active_pool", lambda: pool)
     if not fits:
-        monkeypatch.setattr(pread, "FILL_FRACTION", 0.0)
-    monkeypatch.setattr(pread, "FILL_STEP", 1 << 16)
+        monkeypatch.setattr(pread, "FIT_FRACTION", 0.0)
+    hints = []
+    advise = os.posix_fadvise
+
+    def spy(fd, offset, nbytes, advice):
+        hints.append((offset, nbytes))
+        advise(fd, offset, nbytes, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", spy)
     rows = RowFile(str(path))
     out = np.zeros((3, 8), dtype=np.int64)
+    offsets = np.array([128, 128 + 64 * 1000, 128 + 64 * 49_999])
+    pread.acquire()
     try:
-        assert rows.read(np.array([128, 128 + 64 * 1000, 128 + 64 * 49_999]), out) is True
-        np.testing.assert_array_equal(out[:, 0], [0, 8000, 399_992])
-        assert len(pool.tasks) == int(fits)
-        if fits:
-            rows.read(np.array([128]), out[:1])  # a fill is pending: not queued twice
-            assert len(pool.tasks) == 1
-            pool.tasks[0]()  # runs the fill here: hints the whole file, a step at a time
-            assert not rows._filling
+        assert rows.read(offsets, out) is True
     finally:
+        pread.release()
         rows.close()
-
-
-def test_a_fill_stops_when_its_file_closes(tmp_path, monkeypatch):
-    path = tmp_path / "x.bin"
-    path.write_bytes(bytes(1 << 20))
-    hinted = []
-    monkeypatch.setattr(pread, "FILL_STEP", 1 << 16)
-    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: hinted.append(off))
-    rows = RowFile(str(path))
-    pool = CountingPool()
-    rows._fill(pool, 1 << 20)
-    assert hinted == list(range(0, 1 << 20, 1 << 16))
-    hinted.clear()
-    rows.close()
-    rows._fill(pool, 1 << 20)
-    assert hinted == []
+    np.testing.assert_array_equal(out[:, 0], [0, 8000, 399_992])
+    around = pread.READ_AROUND
+    expected = [(o - o % around, o + 64 - (o - o % around)) for o in offsets.tolist()]
+    assert sorted(hints) == (expected if fits else [])
 
 
 @nowait

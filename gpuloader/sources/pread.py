@@ -24,13 +24,14 @@ Without a lease — a user's own ``dataset[i]``, torch's DataLoader — reads ta
 so no thread is ever started behind a caller's back, and the last ``release()`` joins the
 threads, so none outlives the loader's ``close()``.
 
-NOTE(cache-fill): a file that fits in memory is best read once, sequentially, at the disk's
-full speed: every byte of it is needed within the epoch anyway.  The first cold batch of such
-a file therefore also queues a background task that hints the whole file into the page cache
-(``POSIX_FADV_WILLNEED``, a step at a time); batches read meanwhile still go to the pool, and
-turn warm as the fill passes their rows.  (A memory map gets a weaker form of this for free:
-each page fault reads ~128 KB around the faulting row.)  Files larger than that are read row
-by row: a fill would evict its own beginning before the epoch reaches it.
+NOTE(read-around): a file that fits in memory is worth reading whole: every byte of it is
+needed within the epoch.  For such a file each missing row is read with its aligned
+:data:`READ_AROUND` block (a ``POSIX_FADV_WILLNEED`` of the block, then the row's ``preadv``,
+which waits only for its own pages), so a cold shuffled epoch reads the file in large requests,
+32 at a time, and its rows turn warm within seconds.  A memory map does the same on each page
+fault (~128 KB read around the faulting row), one fault at a time per process.  A file larger
+than that is read row by row: blocks around its rows would evict each other before the epoch
+came back for their neighbours.
 """
 from __future__ import annotations
 
@@ -53,10 +54,12 @@ PROBE_RUNS = 8
 #: Warm epochs then pay for one probe in 16 batches; a file that turns cold is gathered through
 #: page faults for at most that many batches before the pool takes over again.
 MAX_PROBE_INTERVAL = 16
-#: NOTE(cache-fill): a cold file no larger than this fraction of the available memory is read
-#: whole into the page cache in the background, FILL_STEP bytes at a time.
-FILL_FRACTION = 0.5
-FILL_STEP = 8 << 20
+#: Cached probes in a row before the backoff starts (a file being read in is partly cached).
+PROBES_BEFORE_BACKOFF = 2
+#: NOTE(read-around): a cold file no larger than this fraction of the available memory is read
+#: in aligned blocks of READ_AROUND bytes around each missing row.
+FIT_FRACTION = 0.5
+READ_AROUND = 128 << 10
 #: Longer runs are split into requests of this many bytes, so one long run is read in parallel.
 MAX_REQUEST_BYTES = 256 << 10
 
@@ -99,20 +102,25 @@ class IoPool:
         """True once :meth:`close` was called: long background tasks stop at their next step."""
         return self._stop
 
-    def read(self, fd: int, requests: List[Tuple[memoryview, int]]) -> None:
+    def read(self, fd: int, requests: List[Tuple[memoryview, int]], around: int = 0) -> None:
         """Fill every ``buffer`` with the bytes of ``fd`` at its offset; blocks until all are
-        read.  Raises the first OSError (or EOFError for a file shorter than a request)."""
+        read.  With ``around`` > 0, the aligned block of that many bytes around each request is
+        read into the page cache too (NOTE(read-around)).  Raises the first OSError (or
+        EOFError for a file shorter than a request)."""
         if not requests:
             return
-        job = _Job(lambda k: read_fully(fd, *requests[k]), len(requests))
+        if around:
+            job = _Job(lambda k: read_around(fd, *requests[k], around), len(requests))
+        else:
+            job = _Job(lambda k: read_fully(fd, *requests[k]), len(requests))
         self._put(job)
         job.done.wait()
         if job.error is not None:
             raise job.error
 
     def submit(self, task: Callable[[], None]) -> None:
-        """Run ``task()`` on one pool thread, without waiting for it.  Tasks are hints (a fill
-        of the page cache, a decompression ahead of need): one that fails with an OSError or
+        """Run ``task()`` on one pool thread, without waiting for it.  Tasks are hints (a
+        decompression ahead of need): one that fails with an OSError or
         EOFError is dropped, and the read that needed its work redoes it and reports the
         error."""
         self._put(_Job(lambda _: task(), 1))
@@ -173,6 +181,15 @@ def read_fully(fd: int, buf: memoryview, offset: int, flags: int = 0) -> int:
         if flags:
             return done  # a non-blocking read stops at the first short answer
     return done
+
+
+def read_around(fd: int, buf: memoryview, offset: int, around: int) -> None:
+    """``read_fully`` after asking the kernel for the ``around``-aligned blocks holding the
+    request (they are read into the page cache in one request; the read waits only for its
+    own pages)."""
+    lo = offset - offset % around
+    os.posix_fadvise(fd, lo, offset + len(buf) - lo, os.POSIX_FADV_WILLNEED)
+    read_fully(fd, buf, offset)
 
 
 # ------------------------------------------------------------------------------- leases
@@ -260,8 +277,7 @@ class RowFile:
         self.probes = _NOWAIT is not None
         self._skip = 0  # batches left to gather unprobed (NOTE(probe-backoff))
         self._interval = 0
-        self._filling = False  # a fill of this file is queued or running (NOTE(cache-fill))
-        self._closed = False
+        self._hits = 0  # cached probes in a row
 
     def read(self, offsets: np.ndarray, out: np.ndarray) -> bool:
         """Read row ``k`` from byte ``offsets[k]`` into ``out[k]`` if the rows are cold (see
@@ -275,13 +291,21 @@ class RowFile:
             self._skip -= 1
             return False
         if self._cached(offsets, out):
-            self._interval = min(MAX_PROBE_INTERVAL, max(1, 2 * self._interval))
-            self._skip = self._interval
+            self._hits += 1
+            if self._hits >= PROBES_BEFORE_BACKOFF:
+                self._interval = min(MAX_PROBE_INTERVAL, max(1, 2 * self._interval))
+                self._skip = self._interval
             return False
-        self._interval = self._skip = 0
-        self._fill_if_it_fits(pool)
-        pool.read(self.fd, requests_for(offsets, out, out.nbytes // len(out)))
+        self._hits = self._interval = 0
+        around = READ_AROUND if self._fits_in_memory() else 0
+        pool.read(self.fd, requests_for(offsets, out, out.nbytes // len(out)), around)
         return True
+
+    def _fits_in_memory(self) -> bool:
+        """NOTE(read-around): the file fits in FIT_FRACTION of the available memory (asked
+        each cold batch: other processes' use changes)."""
+        size = os.fstat(self.fd).st_size
+        return size <= FIT_FRACTION * psutil.virtual_memory().available
 
     def _cached(self, offsets: np.ndarray, out: np.ndarray) -> bool:
         """True when every probed row (PROBE_RUNS of them, spread over the batch) is served
@@ -302,43 +326,13 @@ class RowFile:
                 return False
         return True
 
-    def _fill_if_it_fits(self, pool: IoPool) -> None:
-        """NOTE(cache-fill): queue a background read of the whole file into the page cache when
-        it fits in FILL_FRACTION of the available memory and no fill is under way."""
-        if self._filling:
-            return
-        size = os.fstat(self.fd).st_size
-        if size > FILL_FRACTION * psutil.virtual_memory().available:
-            return
-        self._filling = True
-        pool.submit(lambda: self._fill(pool, size))
-
-    def _fill(self, pool: IoPool, size: int) -> None:
-        """Hint the file's bytes FILL_STEP at a time (each WILLNEED returns once its reads are
-        queued, which paces the loop at the disk's speed); stops early when the pool or this
-        file closes.  Its own fd: this one may be closed (and its number reused) meanwhile."""
-        try:
-            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError:
-            self._filling = False
-            return
-        try:
-            for offset in range(0, size, FILL_STEP):
-                if pool.closing or self._closed:
-                    break
-                os.posix_fadvise(fd, offset, FILL_STEP, os.POSIX_FADV_WILLNEED)
-        finally:
-            os.close(fd)
-            self._filling = False
-
     def will_need(self, offset: int, nbytes: int) -> None:
         """Ask the kernel to start reading ``nbytes`` at ``offset`` (POSIX_FADV_WILLNEED)."""
         if nbytes > 0 and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self.fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
 
     def close(self) -> None:
-        """Close the fd (idempotent); a running fill stops at its next step."""
-        self._closed = True
+        """Close the fd (idempotent)."""
         fd, self.fd = self.fd, -1
         if fd >= 0:
             os.close(fd)
