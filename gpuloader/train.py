@@ -521,8 +521,9 @@ def _train_epochs(r: _Run, cfg: Config, *, resume: bool,
 
 def _format_record(record: Dict[str, Any]) -> str:
     if record.get("loss_per") == "token":
-        text = (f"epoch {record['epoch']}: loss {record['loss']:.4f} nats/token (last "
-                f"{record['recent_steps']} steps {record['recent_loss']:.4f})")
+        text = f"epoch {record['epoch']}: loss {record['loss']:.4f} nats/token"
+        if record.get("recent_loss") is not None:
+            text += f" (last {record['recent_steps']} steps {record['recent_loss']:.4f})"
         if "unigram_entropy" in record:
             text += f", unigram entropy {record['unigram_entropy']:.4f}"
         text += (f", {record['tokens_per_s']:,.0f} tokens/s, max_tokens {record['max_tokens']}, "

@@ -153,31 +153,59 @@ def test_a_step_is_the_exact_per_token_mean_however_it_is_cut(corpus: Path) -> N
         torch.testing.assert_close(several, direct, rtol=1e-4, atol=1e-7)
 
 
-def test_out_of_memory_steps_are_replayed_every_token_once(tmp_path: Path, corpus: Path,
-                                                            monkeypatch: pytest.MonkeyPatch
-                                                            ) -> None:
-    """A model of one's own whose step 'runs out of memory' above a B x L^2 limit (attention):
-    the guarded run shrinks the plan, replays the step, and trains on every token once."""
-    (tmp_path / "tightlm.py").write_text(textwrap.dedent("""
-        import torch
-        from gpuloader.bytelm import ByteLM
+TIGHT_LM = textwrap.dedent("""
+    import torch
+    from gpuloader.bytelm import ByteLM
 
-        class Tight(ByteLM):
-            def forward(self, tokens, lengths=None, **kw):
-                if self.training and tokens.shape[0] * tokens.shape[1] ** 2 > 8 * 64 ** 2:
-                    raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-                return super().forward(tokens, lengths, **kw)
+    class Tight(ByteLM):
+        def forward(self, tokens, lengths=None, **kw):
+            if self.training and tokens.shape[0] * tokens.shape[1] ** 2 > 8 * 64 ** 2:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            return super().forward(tokens, lengths, **kw)
 
-        def make(d_model=32, layers=1, heads=2):
-            return Tight(d_model=d_model, layers=layers, heads=heads)
-    """))
+    def make(d_model=32, layers=1, heads=2):
+        return Tight(d_model=d_model, layers=layers, heads=heads)
+
+    def wrong(**_):
+        return torch.nn.Embedding(256, 4)  # (B, L, 4) logits: not a 256-way prediction
+""")
+
+
+@pytest.fixture
+def tight_lm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A model of one's own whose step 'runs out of memory' above a B x L^2 limit (attention)."""
+    (tmp_path / "tightlm.py").write_text(TIGHT_LM)
     monkeypatch.syspath_prepend(str(tmp_path))
-    cfg = _config(tmp_path, corpus, "model.name=tightlm:make", "train.epochs=1")
-    record = train.run(cfg)[0]
+    return "tightlm:make"
+
+
+def test_out_of_memory_steps_are_replayed_every_token_once(tmp_path: Path, corpus: Path,
+                                                            tight_lm: str) -> None:
+    """The guarded run shrinks the plan, replays the step, and trains on every token once; a
+    run interrupted after the OOMs and resumed ends with the same loss and weights."""
+    ref = _config(tmp_path, corpus, f"model.name={tight_lm}", name="ref")
+    reference = train.run(ref)
     ds = gl.open_dataset(corpus)
-    assert record["oom_count"] >= 1
-    assert record["tokens"] == int(ds.lengths().sum()) and record["samples"] == len(ds)
-    assert record["max_tokens"] < 2048 and np.isfinite(record["loss"])
+    for record in reference:
+        assert record["tokens"] == int(ds.lengths().sum()) and record["samples"] == len(ds)
+        assert record["max_tokens"] < 2048 and np.isfinite(record["loss"])
+    assert reference[0]["oom_count"] >= 1
+    cfg = _config(tmp_path, corpus, f"model.name={tight_lm}")
+    steps = reference[0]["step"]
+    train.run(cfg, stop=lambda info: info["step"] >= steps + 2)
+    train.run(cfg, resume=True)
+    for got, want in zip(_metrics(cfg), reference):
+        assert (got["tokens"], got["step"]) == (want["tokens"], want["step"])
+        assert got["loss"] == pytest.approx(want["loss"], abs=1e-6, rel=0)
+
+
+def test_a_model_that_cannot_predict_bytes_is_named(tmp_path: Path, corpus: Path,
+                                                    tight_lm: str) -> None:
+    cfg = _config(tmp_path, corpus, "model={name: 'tightlm:wrong'}")
+    with pytest.raises(ConfigError, match=r"^model.name: tightlm:wrong cannot predict the next "
+                                          r"token of data.inputs 'tokens' \(a padded batch of "
+                                          r"shape \(2, \d+\)\): "):
+        train.run(cfg)
 
 
 ERRORS = [
