@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# One-command GPU check (< 5 minutes on one H100/H200): install gpuloader in place, run the CUDA
-# tests, then the GPU benchmark.  Needs only torch, numpy, h5py, psutil, nvidia-ml-py, PyYAML,
-# tqdm and pytest (no hypothesis, matplotlib or network).  Everything lands under $OUT
+# One-command GPU check (a few minutes on one H100/H200; its timeouts bound it to about 6):
+# install gpuloader in place, run the CUDA tests, then the GPU benchmark.  Needs only torch,
+# numpy, h5py, psutil, nvidia-ml-py, PyYAML, tqdm and pytest (no hypothesis, matplotlib or
+# network).  Everything lands under $OUT
 # (default ./gpu_out); gpu_check.json gathers it all in one file:
 #   device, install outcome, CUDA test counts, and gpu_bench.py's sections (h2d GB/s vs a plain
 #   pinned copy, stall with a compute-bound step, cudaMalloc/cudaHostAlloc per epoch after
-#   warm-up, real-OOM recovery exactly once, token budgets).
-# Logs beside it: pip.log, nvidia-smi.txt, junit-cuda.xml, pytest-cuda.log, gpu_bench.log.
+#   warm-up, real-OOM recovery exactly once, token budgets), plus the figures of the CUDA test of
+#   batch_size="auto" on a heavy-tailed ragged epoch (tests/test_cuda_tokens.py: OOM count, last
+#   OOM step, mean padded tokens per step against the bisected largest shape that fits).
+# Logs beside it: pip.log, nvidia-smi.txt, junit-cuda.xml, pytest-cuda.log, gpu_bench.log,
+# cuda_tokens.json.
 # Exit status: 0 when every step passed (or, without CUDA, ran as a smoke test), 1 otherwise.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -42,8 +46,8 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.versio
 [ "$cuda" = 1 ] || echo "CUDA is not available: CUDA tests skip, the benchmark runs a CPU smoke test"
 
 echo "== pytest -m cuda"
-timeout 120 python3 -m pytest -m cuda -q -p no:cacheprovider \
-  --junitxml="$OUT/junit-cuda.xml" 2>&1 | tee "$OUT/pytest-cuda.log"
+GPULOADER_TOKENS_JSON="$OUT/cuda_tokens.json" timeout 180 python3 -m pytest -m cuda -q \
+  -p no:cacheprovider --junitxml="$OUT/junit-cuda.xml" 2>&1 | tee "$OUT/pytest-cuda.log"
 rc=${PIPESTATUS[0]}
 if [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ]; then   # 5: no test carries the cuda mark
   echo "pytest -m cuda failed (rc=$rc)"
@@ -80,6 +84,10 @@ try:
         if case.find("failure") is not None or case.find("error") is not None]
 except (OSError, ET.ParseError) as exc:
     summary["cuda_tests"] = {"error": str(exc)}
+try:  # written by tests/test_cuda_tokens.py's CUDA run
+    summary["token_budgets_cuda_test"] = json.loads((out / "cuda_tokens.json").read_text())
+except (OSError, ValueError) as exc:
+    summary["token_budgets_cuda_test"] = {"missing": f"the CUDA test wrote none ({exc})"}
 try:
     summary.update(json.loads((out / "gpu_bench.json").read_text()))
 except (OSError, ValueError) as exc:

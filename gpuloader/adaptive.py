@@ -90,7 +90,7 @@ class AdaptiveBatch:
         #: Set by ``accumulate`` while a step runs: where that step's samples start.
         self.step_start: Optional[int] = None
         #: batch_size="auto" on ragged fields: the per-shape planner (tokenplan.py) and the
-        #: padded length the token budget is re-planned at (the median sample's).
+        #: padded length the token budget is re-planned at (the shortest sample's).
         self.planner: Optional[TokenPlanner] = None
         self.reference_length: Optional[int] = None
         self._guarded_steps = 0  # successful oom_guard steps (NOTE(learned-cost))

@@ -19,20 +19,35 @@ NOTE(shape-caps): the number of samples of length ``L`` one batch may hold is th
 - each out-of-memory record ``(L_f, good, bad)`` with ``L_f <= L``: ``good`` samples at
   ``L_f``, scaled to ``L`` by the cost per sample (``s(L_f) / s(L)`` with the learned cost, else
   ``(L_f / L) ** 2``, the worst case of an attention step -- never over-optimistic); and for
-  ``L < L_f`` the larger of the same padded tokens as ``good`` samples at ``L_f`` (a sample's
-  cost falls at most in proportion to its length) and the most samples a step has run with at
-  a length ``>= L`` (they fit).  So the retry of a failed batch whose longest sample moved out
-  of it is smaller, and a budget planned from a ``token_bytes`` far too low is corrected for
-  short batches by the first failure of a long one.
+  ``L < L_f``, until a cost is learned, the larger of the same padded tokens as ``good``
+  samples at ``L_f`` (a sample's cost falls at most in proportion to its length) and the most
+  samples a step has run with at a length ``>= L`` (they fit).  So the retry of a failed batch
+  whose longest sample moved out of it is smaller, and a budget planned from a
+  ``token_bytes`` far too low is corrected for short batches by the first failure of a long
+  one.  Once a cost is learned, a record no longer bounds shorter lengths: the learned cost
+  does (fitted on or above the steps that ran); short samples cost less per token where the
+  ``L**2`` term says so, and the same-token bound, or ``good`` scaled down from a long length
+  where it is a small integer, would hold a short bucket far below what fits.
+
+The live ``max_tokens`` is re-planned from the learned cost at the shortest sample's padded
+length (tokens.py ``reference_length``), where a token costs least; the caps above bound
+longer batches, so each batch is planned by its shape, not one budget for all.
 
 An out-of-memory error on ``B`` samples of length ``L`` records ``bad = B`` and ``good = B // 2``
-at ``L``.  Every ``cooldown`` successful guarded steps (16 at first) each record grows by
-bisection towards its ``bad`` (never reaching it): long buckets grow back.  An out-of-memory
-error before the next cooldown has passed undoes that growth for every record and doubles the
-cooldown, so growth attempts get rarer and the errors they cost stay few.  Caps change only at these two events, which
-happen on the same step on every rank (the OOM flag is all-reduced; the success count is the
-same everywhere), so the cuts of NOTE(agreed-split) in tokens.py stay matched: ``revision``
-counts the changes, and ``active`` turns the agreement on after the first OOM.
+at ``L``.  Every ``cooldown`` successful guarded steps (16 at first) each record whose ``good``
+has run (a step with that many samples at ``L`` or longer: evidence, not just time) grows by
+bisection towards its ``bad`` (never reaching it, stopping within ``good / GROWTH_RESOLUTION``
+of it): long buckets grow back.  An out-of-memory error on a grown size (more samples at ``L``
+than ever ran there), or any after a growth pass, returns every record to the size that ran
+rather than halving it (as NOTE(grow-back) in sizing.py does for rows); one after a growth pass
+doubles the cooldown, so growth attempts get rarer and the errors they cost stay few.
+
+Caps change only at these two events, which happen on the same step on every rank (the OOM
+flag is all-reduced; the success count and the cooldown -- doubled by a rule that reads no
+per-rank record -- are the same everywhere), so the cuts of NOTE(agreed-split) in tokens.py
+stay matched: ``revision`` counts the changes, and ``active`` turns the agreement on after the
+first OOM, or at the first event after step peaks are measured (learned caps differ between
+ranks even without an OOM).
 """
 from __future__ import annotations
 
@@ -49,6 +64,9 @@ from gpuloader.sizing import INITIAL_COOLDOWN
 
 #: Out-of-memory records kept (the oldest go first); lengths are few after padding.
 MAX_RECORDS = 256
+#: A record stops growing within ``good / GROWTH_RESOLUTION`` of its failed size: a probe
+#: closer to it would risk another failure to win a few percent.
+GROWTH_RESOLUTION = 8
 
 
 def validate_token_bytes(token_bytes: object) -> int:
@@ -112,7 +130,8 @@ class TokenPlanner:
         self.revision = 0
         self.active = False
         self._successes = 0
-        self._grown = False  # a growth pass ran and no cooldown has confirmed it yet
+        self._grown = False  # a growth pass ran since the last out-of-memory error
+        self._measured = False  # a step's peak was measured (the cost is being learned)
         self._records: Dict[int, _Record] = {}
         self._ran: Dict[int, int] = {}   # padded length -> most samples a step ran with
         self._seen: Dict[int, int] = {}  # ``_ran`` as of the last refresh (what caps use)
@@ -161,10 +180,17 @@ class TokenPlanner:
         frontier = self._frontier(lengths)
         for length, record in self._records.items():
             scale = self._per_sample(float(length)) / self._per_sample(lengths)
-            shorter = np.maximum(np.floor(record.good * length / lengths), frontier)
-            bound = np.where(lengths >= length, np.floor(record.good * scale), shorter)
+            if self._measured_cost():  # shorter: the fit bounds them (it saw them run)
+                bound = np.where(lengths >= length, np.floor(record.good * scale), np.inf)
+            else:
+                shorter = np.maximum(np.floor(record.good * length / lengths), frontier)
+                bound = np.where(lengths >= length, np.floor(record.good * scale), shorter)
             out = np.minimum(out, bound)
         return np.maximum(1.0, out)
+
+    def _most_run(self, length: int) -> int:
+        """The most samples a step has run with at ``length`` or longer (0: none)."""
+        return max((b for n, b in self._ran.items() if n >= length), default=0)
 
     def _frontier(self, lengths: np.ndarray) -> np.ndarray:
         """Per length: the most samples a step ran with at that length or longer (it fits
@@ -176,15 +202,21 @@ class TokenPlanner:
         at = np.searchsorted(known, lengths, side="left")
         return np.where(at < len(known), most[np.minimum(at, len(known) - 1)], 0.0)
 
-    def _per_sample(self, lengths: object) -> object:
+    def _measured_cost(self) -> bool:
         learned = self._learned
-        if learned is not None and (learned.per_token > 0 or learned.per_token_length > 0):
-            return learned.sample_bytes(lengths)  # type: ignore[arg-type]
+        return learned is not None and (learned.per_token > 0 or learned.per_token_length > 0)
+
+    def _per_sample(self, lengths: object) -> object:
+        if self._measured_cost():
+            return self._learned.sample_bytes(lengths)  # type: ignore[union-attr]
         return np.square(lengths)  # the worst case: attention grows with L**2
 
     def refresh(self) -> None:
         """Take the learned cost and the step budget that caps use until the next event."""
         self._learned = self.cost_model.learned
+        # learned caps differ between ranks (each fits its own steps): agree on the splits
+        # (NOTE(agreed-split)) from the first event after peaks are measured, on every rank
+        self.active = self.active or self._measured
         self._seen = dict(self._ran)
         self._step_budget = self.step_budget() if self._learned is not None else 0
         self.revision += 1
@@ -197,13 +229,19 @@ class TokenPlanner:
             raise ValueError(f"a batch of one sample of {length} tokens does not fit in memory "
                              "(a token budget cannot split it further)")
         self.cost_model.observe_oom(batch, length)
-        if self._grown:  # the last growth failed: every record returns to its last good size
-            for grown in self._records.values():
-                grown.good = grown.safe
+        record = self._records.get(length)
+        grown = record is not None and batch > record.safe  # more than ever ran at ``length``
+        if self._grown or grown:  # a growth failed: every record returns to its last good size
+            for each in self._records.values():
+                each.good = each.safe
+        if self._grown:  # the same on every rank (NOTE(agreed-split)): so is the cooldown
             self.cooldown *= 2
             self._grown = False
-        record = self._records.pop(length, None)
-        good = max(1, batch // 2) if record is None else min(record.good, max(1, batch // 2))
+        self._records.pop(length, None)
+        # a grown size failed: back to the size that ran; else memory shrank: halve
+        good = record.safe if grown else max(1, batch // 2)  # type: ignore[union-attr]
+        if record is not None:
+            good = min(good, record.safe)
         self._records[length] = _Record(good=good, bad=batch if record is None
                                         else min(batch, record.bad), safe=good)
         while len(self._records) > MAX_RECORDS:
@@ -217,6 +255,7 @@ class TokenPlanner:
         ``peak_bytes`` (None: not measured); every ``cooldown`` steps the caps grow back."""
         if peak_bytes is not None and batch > 0:
             self.cost_model.observe(batch, max(1, length), max(0, peak_bytes))
+            self._measured = True  # every rank measures alike (all on CUDA)
         self._ran[length] = max(batch, self._ran.get(length, 0))
         if len(self._ran) > MAX_RECORDS:  # keep the longest lengths: they bound the most
             del self._ran[min(self._ran)]
@@ -224,12 +263,15 @@ class TokenPlanner:
         if self._successes < self.cooldown:
             return
         self._successes = 0
-        self._grown = False
-        for record in self._records.values():
-            record.safe = record.good  # held for a whole cooldown: it fits
-            if record.good + 1 < record.bad:
+        # a growth pass ran: set on every rank alike (records differ between ranks, the steps
+        # of these events do not), so cooldowns -- and the steps caps change at -- stay matched
+        self._grown = bool(self._records)
+        for length, record in self._records.items():
+            if self._most_run(length) < record.good:
+                continue  # not tried yet: neither known to fit nor to fail, so no growth
+            record.safe = record.good  # it ran: it fits
+            if record.bad - record.good > max(1, record.good // GROWTH_RESOLUTION):
                 record.good = (record.good + record.bad) // 2
-                self._grown = True
         self.refresh()
 
     # ------------------------------------------------------------------ state

@@ -145,10 +145,12 @@ class TokenEpochs:
             sizing.reference_length = self.reference_length()
 
     def reference_length(self) -> int:
-        """The median sample's padded length: where ``auto`` re-plans the token budget."""
+        """The shortest sample's padded length: where ``auto`` re-plans the token budget, the
+        most padded tokens any batch may then hold (a token costs least there); the shape caps
+        (NOTE(shape-caps) in tokenplan.py) bound the batches of longer samples."""
         if len(self.lengths) == 0:
             return 1
-        return self.budget(1).padded(int(np.median(self.lengths)))
+        return self.budget(1).padded(int(self.lengths.min()))
 
     def window(self) -> int:
         """Samples per bucket window (``bucket_window`` or NOTE(length-buckets)'s default)."""

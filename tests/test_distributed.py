@@ -244,6 +244,60 @@ def scenario_tokens_oom(rank: int) -> Dict[str, Any]:
         return {"failed": failed, "trained": trained, "max_tokens": loader.max_tokens}
 
 
+AUTO_N = 600
+AUTO_BUDGETS = (120_000, 180_000)  # memory_budget per rank: they plan different max_tokens
+
+
+def scenario_auto_tokens(rank: int) -> Dict[str, Any]:
+    """batch_size="auto" + token_bytes, a different memory budget per rank, step peaks
+    reported as on CUDA (the recording stand-in) so each rank learns its own shape caps:
+    epoch 0 without errors, epoch 1 with an out-of-memory error on rank 1 only."""
+    from cuda_standin import FakeCuda
+    from gpuloader.allocator import StepMemory
+    from simulated_memory import SimulatedMemory
+
+    rng = np.random.default_rng(1)
+    lengths = np.clip(rng.lognormal(3.0, 1.0, AUTO_N), 1, 300).astype(np.int64)
+    offsets = np.concatenate(([0], np.cumsum(lengths)))
+    ds = gl.ArrayDataset(tokens=gl.Ragged(np.zeros(int(offsets[-1]), np.int16), offsets),
+                         y=np.arange(AUTO_N, dtype=np.int64))
+    make = lambda distributed: gl.DataLoader(  # noqa: E731
+        ds, batch_size="auto", token_bytes=200, memory_budget=AUTO_BUDGETS[rank], shuffle=True,
+        seed=5, distributed=distributed, reader_threads=1)
+    with make(False) as alone:
+        own = alone.max_tokens
+    sim = SimulatedMemory(limit=1 << 40, per_token=100, per_token_length=4)
+    fake = FakeCuda()
+    fake.stats = {"allocated_bytes.all.current": 0, "allocated_bytes.all.peak": 0}
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    out: Dict[str, Any] = {"own": own, "epochs": []}
+    with make(True) as loader:
+        loader._memory = StepMemory(torch.device("cuda", 0), learn=True, cuda=fake)
+        out["first"] = loader.max_tokens
+        for epoch in range(2):
+            loader.set_epoch(epoch)
+            order, _ = loader._tokens.plan_epoch(loader._order, epoch)
+            steps: List[List[Any]] = []
+            trained: List[int] = []
+            for step, batch in enumerate(loader):
+                b, length = batch["tokens"].shape
+                with loader.oom_guard(optimizer) as guard:
+                    if epoch == 1 and rank == 1 and step >= 3 and b >= 4 and "caps" not in out:
+                        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+                    fake.stats["allocated_bytes.all.peak"] = sim.step(int(b), int(length))
+                steps.append([int(b), int(length), guard.failed])
+                if guard.failed:  # the samples each rank plans at a length, right after
+                    out["caps"] = {str(n): r.good
+                                   for n, r in loader._tokens.planner._records.items()}
+                else:
+                    trained.extend(batch["y"].tolist())
+            out["epochs"].append({"planned": len(loader), "steps": steps, "trained": trained,
+                                  "shard": sorted(order.tolist())})
+        out["last"] = loader.max_tokens
+        out["learned"] = loader._tokens.planner.cost_model.learned is not None
+    return out
+
+
 SCENARIOS: Dict[str, Callable[[int], Dict[str, Any]]] = {
     "shards": scenario_shards,
     "auto": scenario_auto,
@@ -252,6 +306,7 @@ SCENARIOS: Dict[str, Callable[[int], Dict[str, Any]]] = {
     "accelerate": scenario_accelerate,
     "tokens": scenario_tokens,
     "tokens_oom": scenario_tokens_oom,
+    "auto_tokens": scenario_auto_tokens,
 }
 
 
@@ -321,6 +376,28 @@ def test_token_budget_rollbacks_keep_ranks_in_step_and_samples_once(ranks):
     assert got[0]["max_tokens"] == got[1]["max_tokens"] < 256
     for r in range(WORLD_SIZE):  # each rank's shard, exactly once
         assert sorted(got[r]["trained"]) == sorted(i for b in plain[r] for i in b["y"])
+
+
+def test_auto_token_budgets_agree_across_ranks_and_survive_an_oom_on_one(ranks):
+    got = results(ranks, "auto_tokens")
+    own = [r["own"] for r in got]
+    assert own[0] != own[1]  # the budgets differ, so do the plans made alone ...
+    assert got[0]["first"] == got[1]["first"] == min(own)  # ... the shared one is the least
+    assert got[0]["last"] == got[1]["last"] and all(r["learned"] for r in got)
+    for epoch in range(2):
+        runs = [r["epochs"][epoch] for r in got]
+        assert runs[0]["planned"] == runs[1]["planned"]  # the same plan: equal planned batches
+        steps = [r["steps"] for r in runs]
+        assert len(steps[0]) == len(steps[1]) > runs[0]["planned"]  # caps split, in step
+        assert [s[2] for s in steps[0]] == [s[2] for s in steps[1]]  # rolled back together
+        for run in runs:  # each rank's shard exactly once, rollbacks included
+            assert sorted(run["trained"]) == run["shard"]
+        assert set(runs[0]["shard"]) | set(runs[1]["shard"]) == set(range(AUTO_N))
+    failed = [s[2] for s in got[0]["epochs"][1]["steps"]]
+    assert failed.count(True) == 1 and failed.index(True) >= 3
+    for r in got:  # both ranks' plans shrink: at most half the failed batch at its length
+        b, length, _ = r["epochs"][1]["steps"][failed.index(True)]
+        assert r["caps"][str(length)] <= max(1, b // 2), (b, length, r["caps"])
 
 
 @pytest.mark.parametrize("drop_last", ["False", "True"])
