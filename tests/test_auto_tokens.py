@@ -267,3 +267,4 @@ def test_learned_costs_plan_each_length_near_its_own_limit():
     for length, b in most.items():
         assert 0.9 * sim.max_batch(length) <= b <= sim.max_batch(length), (length, most)
     assert loader.max_tokens >= 0.9 * 16 * sim.max_batch(16)
+    assert loader.max_tokens <= loader._tokens.planner.capacity  # the ring was sized for it
