@@ -20,8 +20,12 @@ def test_cold_cases_read_and_report(tmp_path):
     assert runs["1e9 samples"][0]["samples"] == 10 ** 9
     assert runs["1e9 samples"][0]["batch"] == 64
     assert all(r[0]["rows"] > 0 for r in runs.values() if "rows" in r[0])
+    n = len(np.load(files["rows"], mmap_mode="r"))
+    for name in ("gpuloader shuffle, whole epoch", "torch per-sample w=2, whole epoch"):
+        assert runs[name][0]["rows"] == n - n % 64  # every full batch of the epoch
     bars = cold.bars(runs)
-    assert set(bars) >= {"shuffle / raw pread ceiling", "block / raw sequential",
+    assert set(bars) >= {"shuffle rows only / raw pread ceiling", "block / raw sequential",
+                         "shuffle / torch w=2, whole cold epoch",
                          "gzip block / h5py sequential", "1e9 first batch s"}
     text = cold.table({"median": {k: cold._median(v) for k, v in runs.items()},
                        "drop_check": cold.check_drop(files["rows"], 1), "bars": bars})

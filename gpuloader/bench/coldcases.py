@@ -19,7 +19,7 @@ import resource
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, List
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import numpy as np
 
@@ -48,8 +48,10 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _timed(batches: Iterator[int], seconds: float) -> Dict[str, float]:
-    """Consume ``batches`` (each yields its row count) for ``seconds`` after the first."""
+def _timed(batches: Iterator[int], seconds: Optional[float]) -> Dict[str, float]:
+    """Consume ``batches`` (each yields its row count) for ``seconds`` after the first (None:
+    all of them, a whole epoch)."""
+    seconds = float("inf") if seconds is None else seconds
     started = time.perf_counter()
     first = next(batches)
     t0 = time.perf_counter()
@@ -165,8 +167,14 @@ class PerSample:
 
 
 def gpuloader_case(spec: Dict[str, Any]) -> Dict[str, float]:
-    """gpuloader's DataLoader in ``order`` (any dataset ``open_dataset`` reads)."""
+    """gpuloader's DataLoader in ``order`` (any dataset ``open_dataset`` reads);
+    ``read_around: false`` reads cold rows one by one, as for a file larger than memory
+    (NOTE(read-around) in sources/pread.py)."""
     import gpuloader as gl
+    from gpuloader.sources import pread
+
+    if not spec.get("read_around", True):
+        pread.FIT_FRACTION = 0.0
 
     ds = gl.open_dataset(spec["path"], **spec.get("open", {}))
     with gl.DataLoader(ds, batch_size=spec["batch"], order=spec["order"], seed=spec["seed"],
