@@ -1,14 +1,11 @@
 """Compressed HDF5 chunks are decompressed once per epoch (sources/chunks.py)."""
 from __future__ import annotations
 
-import threading
-
 import h5py
 import numpy as np
 import pytest
 
 import gpuloader as gl
-from gpuloader.sources import pread
 from gpuloader.sources.chunks import ChunkedReader
 
 
@@ -58,45 +55,3 @@ def test_block_and_sequential_epochs_decompress_each_chunk_once(tmp_path, order)
             else:
                 assert all(250 <= c <= 500 for c in counts.values())
     ds.close()
-
-
-def test_readahead_hints_decode_chunks_ahead_on_the_pool_once_each(tmp_path):
-    write(tmp_path / "d.h5", "gzip", True, n=4000, chunk=16)
-    ds = gl.open_dataset(tmp_path / "d.h5")
-    reader = readers(ds)["x"]
-    threads = []
-    decode = reader.cache._decode
-
-    def spy(first, out):
-        threads.append(threading.current_thread().name)
-        decode(first, out)
-
-    reader.cache._decode = spy
-    pread.acquire()
-    try:
-        reader.will_need(0, 16 * 10)  # chunks 0..9
-        reader.will_need(0, 16 * 10)  # hinted twice: reserved once
-        got = [reader.cache.get(c, reader.dtype) for c in range(10)]  # waits for the task
-    finally:
-        pread.release()
-        ds.close()
-    assert reader.cache.decoded == 10 and len(threads) == 10
-    assert all(name.startswith("gpuloader-io") for name in threads)
-    assert got[3][0, 0] == (16 * 3 * 6) % 97
-
-
-def test_decoding_ahead_reserves_at_most_half_the_cache(tmp_path):
-    write(tmp_path / "d.h5", "gzip", False, n=4000, chunk=16)
-    ds = gl.open_dataset(tmp_path / "d.h5")
-    reader = readers(ds)["x"]
-    reader.cache.capacity = 8
-    pread.acquire()
-    try:
-        reader.will_need(0, 4000)
-        reserved = sorted(reader._ahead)
-        for c in reserved:
-            reader.cache.get(c, reader.dtype)
-    finally:
-        pread.release()
-        ds.close()
-    assert reserved == [0, 1, 2, 3] and reader.cache.decoded == 4

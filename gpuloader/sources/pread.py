@@ -67,8 +67,8 @@ _NOWAIT = getattr(os, "RWF_NOWAIT", None)
 
 
 class _Job:
-    """Work for the pool: ``count`` items, item ``k`` done by ``run(k)``.  A read job is waited
-    for (``done``; ``error`` holds its first failure); a background task has no waiter."""
+    """Work for the pool: ``count`` items, item ``k`` done by ``run(k)``; its caller waits on
+    ``done``, and ``error`` holds its first failure."""
 
     __slots__ = ("run", "count", "claimed", "left", "error", "done")
 
@@ -82,8 +82,7 @@ class _Job:
 
 
 class IoPool:
-    """``threads`` daemon threads that execute positional reads and background tasks; see
-    NOTE(io-leases).
+    """``threads`` daemon threads that execute positional reads; see NOTE(io-leases).
 
     Lifetime: threads start in the constructor and are joined by :meth:`close`.
     """
@@ -97,11 +96,6 @@ class IoPool:
         for t in self._threads:
             t.start()
 
-    @property
-    def closing(self) -> bool:
-        """True once :meth:`close` was called: long background tasks stop at their next step."""
-        return self._stop
-
     def read(self, fd: int, requests: List[Tuple[memoryview, int]], around: int = 0) -> None:
         """Fill every ``buffer`` with the bytes of ``fd`` at its offset; blocks until all are
         read.  With ``around`` > 0, the aligned block of that many bytes around each request is
@@ -113,24 +107,14 @@ class IoPool:
             job = _Job(lambda k: read_around(fd, *requests[k], around), len(requests))
         else:
             job = _Job(lambda k: read_fully(fd, *requests[k]), len(requests))
-        self._put(job)
-        job.done.wait()
-        if job.error is not None:
-            raise job.error
-
-    def submit(self, task: Callable[[], None]) -> None:
-        """Run ``task()`` on one pool thread, without waiting for it.  Tasks are hints (a
-        decompression ahead of need): one that fails with an OSError or
-        EOFError is dropped, and the read that needed its work redoes it and reports the
-        error."""
-        self._put(_Job(lambda _: task(), 1))
-
-    def _put(self, job: _Job) -> None:
         with self._cond:
             if self._stop:
                 raise RuntimeError("gpuloader: the I/O pool was closed")
             self._jobs.append(job)
             self._cond.notify(job.count)  # wake as many threads as there are items, no more
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
 
     def _run(self) -> None:
         while True:
@@ -156,8 +140,7 @@ class IoPool:
 
     def close(self) -> None:
         """Stop and join the threads (queued jobs are finished first by nobody: callers of
-        :meth:`read` hold leases, so there are none when the last lease is released; running
-        tasks see :attr:`closing` and return)."""
+        :meth:`read` hold leases, so there are none when the last lease is released)."""
         with self._cond:
             self._stop = True
             self._cond.notify_all()
