@@ -173,15 +173,18 @@ def gpuloader_case(spec: Dict[str, Any]) -> Dict[str, float]:
     import gpuloader as gl
     from gpuloader.sources import pread
 
+    fit = pread.FIT_FRACTION
     if not spec.get("read_around", True):
-        pread.FIT_FRACTION = 0.0
-
+        pread.FIT_FRACTION = 0.0  # (restored: tests run cases in their own process)
     ds = gl.open_dataset(spec["path"], **spec.get("open", {}))
-    with gl.DataLoader(ds, batch_size=spec["batch"], order=spec["order"], seed=spec["seed"],
-                       num_workers=spec.get("workers", 0), drop_last=True) as loader:
-        result = _timed(_batches_of(loader), spec["seconds"])
-    ds.close()
-    return result
+    try:
+        with gl.DataLoader(ds, batch_size=spec["batch"], order=spec["order"],
+                           seed=spec["seed"], num_workers=spec.get("workers", 0),
+                           drop_last=True) as loader:
+            return _timed(_batches_of(loader), spec["seconds"])
+    finally:
+        ds.close()
+        pread.FIT_FRACTION = fit
 
 
 def h5py_sequential(spec: Dict[str, Any]) -> Dict[str, float]:
