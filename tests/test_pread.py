@@ -1,6 +1,8 @@
 """Tests of cold reads (sources/pread.py) and readahead hints (readahead.py)."""
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import threading
 
@@ -21,18 +23,45 @@ def io_threads() -> list:
     return [t for t in threading.enumerate() if t.name.startswith("gpuloader-io")]
 
 
-def drop_from_cache(path) -> bool:
-    """Evict ``path`` from the page cache; True if a non-blocking read then misses."""
+def drop_from_cache(path, offsets=(0,)) -> bool:
+    """Evict ``path`` from the page cache; True once none of the pages holding ``offsets`` is
+    resident.  The drop is retried: the kernel skips pages that are busy at that moment, so one
+    call sometimes leaves a few behind.  Residency is asked with mincore(2), which reads
+    nothing (a non-blocking read that misses starts readahead, caching what it asked about).
+    NOTE(recached): on the development VM a page is now and then cached again between the drop
+    and the read that follows (about one run in ten, cause not found), so tests that need a
+    cold read retry the drop a few times."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        try:
-            return os.preadv(fd, [bytearray(4096)], 0, os.RWF_NOWAIT) < 4096
-        except BlockingIOError:
-            return True
+        for _ in range(20):
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            if not any(resident(path, offsets)):
+                return True
+        return False
     finally:
         os.close(fd)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def resident(path, offsets) -> list:
+    """For each byte offset of ``path``: is its page in the page cache (mincore(2))?"""
+    page = mmap.PAGESIZE
+    with open(path, "rb") as fh:
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)  # maps, faults nothing in
+    try:
+        view = (ctypes.c_char * len(mm)).from_buffer(mm)
+        vec = (ctypes.c_ubyte * ((len(mm) + page - 1) // page))()
+        if _libc.mincore(ctypes.c_void_p(ctypes.addressof(view)), ctypes.c_size_t(len(mm)),
+                         vec) != 0:
+            raise OSError(ctypes.get_errno(), "mincore failed")
+        answer = [bool(vec[int(o) // page] & 1) for o in offsets]
+        del view
+        return answer
+    finally:
+        mm.close()
 
 
 @pytest.fixture
@@ -107,8 +136,7 @@ def test_cold_rows_are_read_by_the_pool_warm_rows_gathered(tmp_path, leased):
     path = tmp_path / "x.npy"
     x = np.arange(200_000, dtype=np.float32).reshape(-1, 64)  # 256-byte rows
     np.save(path, x)
-    if not drop_from_cache(path):
-        pytest.skip("this filesystem keeps the file cached after POSIX_FADV_DONTNEED")
+    idx = np.sort(np.random.default_rng(0).choice(len(x), 300, replace=False))
     ds = gl.open_dataset(path)
     taken = []
     original = RowFile.read
@@ -117,19 +145,24 @@ def test_cold_rows_are_read_by_the_pool_warm_rows_gathered(tmp_path, leased):
         taken.append(original(self, offsets, out))
         return taken[-1]
 
-    idx = np.sort(np.random.default_rng(0).choice(len(x), 300, replace=False))
     out = {"x": np.zeros((300, 64), dtype=np.float32)}
     RowFile.read = spy
     try:
-        ds.source.read_into(idx, out)
-        np.testing.assert_array_equal(out["x"], x[idx])
+        for _ in range(5):  # NOTE(recached): the machine may cache a page again after the drop
+            if not drop_from_cache(path, 128 + idx * 256):
+                pytest.skip("this filesystem keeps the file cached after POSIX_FADV_DONTNEED")
+            out["x"][:] = 0
+            ds.source.read_into(idx, out)
+            np.testing.assert_array_equal(out["x"], x[idx])
+            if taken[-1]:
+                break
         out["x"][:] = 0
         ds.source.read_into(idx, out)  # now cached
         np.testing.assert_array_equal(out["x"], x[idx])
     finally:
         RowFile.read = original
         ds.close()
-    assert taken == [True, False]
+    assert taken[-2:] == [True, False] and len(taken) <= 6
 
 
 class CountingPool:
@@ -163,10 +196,14 @@ def test_cached_probes_back_off_and_a_cold_probe_resets_them(tmp_path, monkeypat
         # warm: probe, probe, skip 1, probe, skip 2, probe, skip 4, ... up to 16 (the backoff
         # starts at the second cached probe in a row)
         assert not any(reads) and probes == [0, 1, 3, 6, 11, 20, 37, 54]
-        if not drop_from_cache(path):
+        if not drop_from_cache(path, 128 + idx * 256):
             pytest.skip("this filesystem keeps the file cached after POSIX_FADV_DONTNEED")
-        rows._skip = 0  # the cache was dropped behind its back: the next probe sees it
-        assert rows.read(128 + idx * 256, out) is True and pool.reads == 1
+        for _ in range(5):  # NOTE(recached)
+            rows._skip = 0  # the cache was dropped behind its back: the next probe sees it
+            if rows.read(128 + idx * 256, out):
+                break
+            drop_from_cache(path, 128 + idx * 256)
+        assert pool.reads == 1
         np.testing.assert_array_equal(out, x[idx])
         assert rows._interval == rows._hits == 0  # every following batch is probed again
     finally:
@@ -178,7 +215,8 @@ def test_cached_probes_back_off_and_a_cold_probe_resets_them(tmp_path, monkeypat
 def test_a_cold_file_that_fits_in_memory_is_read_around_its_rows(tmp_path, monkeypatch, fits):
     path = tmp_path / "x.npy"
     np.save(path, np.arange(400_000, dtype=np.int64).reshape(-1, 8))  # 50,000 rows of 64 B
-    if not drop_from_cache(path):
+    offsets = np.array([128, 128 + 64 * 1000, 128 + 64 * 49_999])
+    if not drop_from_cache(path, offsets):
         pytest.skip("this filesystem keeps the file cached after POSIX_FADV_DONTNEED")
     if not fits:
         monkeypatch.setattr(pread, "FIT_FRACTION", 0.0)
@@ -192,10 +230,15 @@ def test_a_cold_file_that_fits_in_memory_is_read_around_its_rows(tmp_path, monke
     monkeypatch.setattr(os, "posix_fadvise", spy)
     rows = RowFile(str(path))
     out = np.zeros((3, 8), dtype=np.int64)
-    offsets = np.array([128, 128 + 64 * 1000, 128 + 64 * 49_999])
     pread.acquire()
     try:
-        assert rows.read(offsets, out) is True
+        for _ in range(5):  # NOTE(recached)
+            hints.clear()
+            if rows.read(offsets, out):
+                break
+            drop_from_cache(path, offsets)
+        else:
+            pytest.fail("every read found the dropped rows cached")
     finally:
         pread.release()
         rows.close()
