@@ -503,6 +503,8 @@ def from_dict(raw: Any, overrides: Iterable[str] = (), *, default_output: str = 
     ragged = None
     if check_data:
         cfg, ragged = _check_data(c, cfg)
+        if c.problems:  # the step checks below assume the fields resolved: one error per cause
+            raise _problem(c.problems)
     cfg = resolve_steps(c, cfg, ragged, known=check_data)
     if c.problems:
         raise _problem(c.problems)

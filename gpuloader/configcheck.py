@@ -8,13 +8,7 @@ import os
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from gpuloader.configfile import _show, expand_path
-
-
-def _megatron_prefix(path: str) -> bool:
-    """A Megatron-LM dataset is named by the prefix of its .bin/.idx pair (no such file)."""
-    from gpuloader.sources.binidx import is_binidx
-
-    return is_binidx(path)
+from gpuloader.sources.binidx import is_binidx
 
 
 class _Checker:
@@ -123,7 +117,7 @@ class _Checker:
             self.add(key, str(exc))
             return None
         absolute = os.path.abspath(expanded)
-        if must_exist and not os.path.exists(absolute) and not _megatron_prefix(absolute):
+        if must_exist and not os.path.exists(absolute) and not is_binidx(absolute):  # a .bin/.idx prefix
             hint = ""
             if self.base_dir and not os.path.isabs(expanded):
                 beside = os.path.abspath(os.path.join(self.base_dir, expanded))

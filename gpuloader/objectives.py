@@ -20,7 +20,7 @@ zeroes the gradient and the step's counts start again with it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
@@ -152,15 +152,17 @@ class NextTokenObjective:
 
     def _sum(self, batch: Any) -> Part:
         tokens, lengths = batch[self.field], batch[self.field + "_lengths"]
-        total = next_token_loss(self.model(tokens, lengths), tokens, lengths, reduction="sum")
+        # Counted before the forward pass: on CUDA this waits only for the lengths' copy, not
+        # for the model, so the backward is queued without a stall.
         real, nonempty = torch.stack([lengths.sum(), (lengths > 0).sum()]).tolist()
-        return Part(total, int(real - nonempty), int(tokens.shape[0]), int(real))
+        total = next_token_loss(self.model(tokens, lengths), tokens, lengths, reduction="sum")
+        return Part(total.double(), int(real - nonempty), int(tokens.shape[0]), int(real))
 
     def micro(self, batch: Any, weight: Optional[float]) -> Part:
         """Forward and backward of the summed loss; ``weight`` is not needed (NOTE(token-mean))."""
         part = self._sum(batch)
         part.loss_sum.backward()
-        return Part(part.loss_sum.detach().double(), part.count, part.samples, part.tokens)
+        return replace(part, loss_sum=part.loss_sum.detach())
 
     def finish(self, count: int) -> None:
         """Divide the step's summed gradient by its ``count`` predictions (NOTE(token-mean))."""
@@ -169,8 +171,7 @@ class NextTokenObjective:
                 p.grad.div_(max(1, count))
 
     def evaluate(self, batch: Any) -> Tuple[Part, Optional[torch.Tensor]]:
-        part = self._sum(batch)
-        return Part(part.loss_sum.double(), part.count, part.samples, part.tokens), None
+        return self._sum(batch), None
 
     def dry_run(self, ds: Any, device: torch.device, model_name: str) -> None:
         """One forward pass and loss on two real samples (the shortest with a prediction),

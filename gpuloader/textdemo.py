@@ -35,10 +35,6 @@ TEXT_CONFIG: Dict[str, Any] = {
 }
 
 
-def _source_files(source: Path) -> int:
-    return sum(1 for _ in source.glob("*.py"))
-
-
 def text_corpus(source: Optional[str] = None, *, cache_dir: Optional[str] = None,
                 rebuild: bool = False, log: Callable[[str], None] = lambda _m: None) -> Path:
     """The Megatron prefix of ``source``'s ``*.py`` files as byte tokens (default: the standard
@@ -49,7 +45,7 @@ def text_corpus(source: Optional[str] = None, *, cache_dir: Optional[str] = None
     from gpuloader.sources.binidx import is_binidx, read_index
 
     folder = Path(source or sysconfig.get_paths()["stdlib"]).resolve()
-    if not folder.is_dir() or _source_files(folder) == 0:
+    if not folder.is_dir() or not any(folder.glob("*.py")):
         raise ArgumentError(f"--text-source {folder}: expected a folder holding *.py files")
     key = hashlib.sha1(str(folder).encode()).hexdigest()[:10]
     root = cache_root(cache_dir) / f"text-{key}-L{MAX_LENGTH}"

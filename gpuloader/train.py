@@ -100,6 +100,7 @@ class _Run:
             self.n_train = len(self.split.train)
             self.device = resolve_device(cfg.loader.device) or torch.device("cpu")
             self.outputs: Optional[int] = None
+            self.labels = False  # class-index targets (set for row training below)
             if self.sequence:
                 self.baseline = _unigram_baseline(self.cfg, self.ds)
             else:
@@ -377,7 +378,7 @@ class _Run:
             if right is not None:
                 correct += right
         result = {"val_loss": float(total.loss_sum.item()) / max(1, total.count)}
-        if not self.sequence and self.labels:
+        if self.labels:
             result["val_accuracy"] = float(correct.item()) / max(1, total.count)
         return result
 

@@ -147,3 +147,21 @@ def pytest_make_collect_report(collector):
         report.outcome = "skipped"
         report.longrepr = (str(collector.path), 0,
                            "Skipped: needs hypothesis (pip install -e .[test])")
+
+
+#: Standard-library modules copied by ``py_sources``: real Python text, ~60 KB together.
+STDLIB_SOURCES = ("textwrap.py", "shlex.py", "fnmatch.py", "colorsys.py")
+
+
+@pytest.fixture
+def py_sources(tmp_path: Path) -> Path:
+    """A folder ``tmp_path/src`` holding a few standard-library sources (STDLIB_SOURCES)."""
+    import shutil
+    import sysconfig
+
+    folder = tmp_path / "src"
+    folder.mkdir()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in STDLIB_SOURCES:
+        shutil.copy(stdlib / name, folder / name)
+    return folder

@@ -23,6 +23,8 @@ def test_cold_cases_read_and_report(tmp_path):
     n = len(np.load(files["rows"], mmap_mode="r"))
     for name in ("gpuloader shuffle, whole epoch", "torch per-sample w=2, whole epoch"):
         assert runs[name][0]["rows"] == n - n % 64  # every full batch of the epoch
+        run = runs[name][0]
+        assert 0 < run["rows_per_s_from_start"] <= run["rows"] / run["seconds"]
     bars = cold.bars(runs)
     assert set(bars) >= {"shuffle rows only / raw pread ceiling", "block / raw sequential",
                          "shuffle / torch w=2, whole cold epoch",

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import sysconfig
 import textwrap
 from pathlib import Path
 from typing import Any, Dict, List
@@ -25,18 +23,10 @@ from gpuloader.ragged_convert import text_to_tokens
 
 pytestmark = pytest.mark.usefixtures("one_compute_thread")
 
-SOURCES = ("textwrap.py", "shlex.py", "fnmatch.py", "colorsys.py")
-
-
 @pytest.fixture
-def corpus(tmp_path: Path) -> Path:
+def corpus(tmp_path: Path, py_sources: Path) -> Path:
     """A few standard-library sources as byte tokens, cut into samples of at most 64 bytes."""
-    folder = tmp_path / "src"
-    folder.mkdir()
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in SOURCES:
-        shutil.copy(stdlib / name, folder / name)
-    text_to_tokens(folder, tmp_path / "corpus.bin", glob="*.py", max_length=64)
+    text_to_tokens(py_sources, tmp_path / "corpus.bin", glob="*.py", max_length=64)
     return tmp_path / "corpus"
 
 
@@ -67,10 +57,11 @@ def test_config_resolves_next_token_training(tmp_path: Path, corpus: Path) -> No
     assert prefix.data.targets is None
 
 
-def test_loss_ends_below_unigram_entropy_with_metrics(tmp_path: Path, corpus: Path) -> None:
+def test_loss_ends_below_unigram_entropy_with_metrics(tmp_path: Path, corpus: Path,
+                                                     py_sources: Path) -> None:
     cfg = _config(tmp_path, corpus, "train.val_fraction=0.1", "train.epochs=3")
     records = train.run(cfg)
-    data = b"".join((Path(sysconfig.get_paths()["stdlib"]) / n).read_bytes() for n in SOURCES)
+    data = b"".join(path.read_bytes() for path in sorted(py_sources.glob("*.py")))
     entropy = unigram_entropy(data)
     every = gl.open_dataset(corpus).lengths()
     lengths = every[split_rows(len(every), 0.1, 0).train]
@@ -312,3 +303,11 @@ def test_loader_without_batch_size_on_ragged_data_says_what_to_give(corpus: Path
                                              r'gpuloader; give batch_size="auto" \(max_tokens '
                                              r"planned from free memory and token_bytes=\)"):
             gl.DataLoader(ds, batch_size=None, **extra)
+
+
+def test_an_unknown_field_is_the_only_problem_reported(tmp_path: Path, corpus: Path) -> None:
+    # The token-step checks assume the fields resolved; they must not add lines of their own.
+    with pytest.raises(ConfigError) as info:
+        _config(tmp_path, corpus, "data.inputs=nope", "loader.max_tokens=64")
+    problems = info.value.problems  # type: ignore[attr-defined]
+    assert len(problems) == 1 and problems[0].startswith("data.inputs: unknown field 'nope'")

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -15,18 +13,8 @@ import pytest
 from gpuloader.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = ("textwrap.py", "shlex.py", "fnmatch.py", "colorsys.py")
 
 pytestmark = pytest.mark.usefixtures("one_compute_thread")
-
-
-@pytest.fixture
-def sources(tmp_path: Path) -> Path:
-    folder = tmp_path / "src"
-    folder.mkdir()
-    for name in SOURCES:
-        shutil.copy(Path(sysconfig.get_paths()["stdlib"]) / name, folder / name)
-    return folder
 
 
 def run(capsys: pytest.CaptureFixture, *argv: str):
@@ -35,10 +23,10 @@ def run(capsys: pytest.CaptureFixture, *argv: str):
     return code, out, err
 
 
-def test_demo_text_runs_the_whole_path(tmp_path: Path, sources: Path,
+def test_demo_text_runs_the_whole_path(tmp_path: Path, py_sources: Path,
                                        capsys: pytest.CaptureFixture) -> None:
     cache = tmp_path / "cache"
-    argv = ["demo", "--text", "--text-source", str(sources), "--text-steps", "4",
+    argv = ["demo", "--text", "--text-source", str(py_sources), "--text-steps", "4",
             "--cache-dir", str(cache), "--quiet", "--device", "cpu"]
     code, out, err = run(capsys, *argv)
     assert code == 0, err
@@ -67,7 +55,7 @@ def test_demo_text_refuses_a_folder_without_sources(tmp_path: Path,
         f"gpuloader: error: --text-source {tmp_path}: expected a folder holding *.py files"]
 
 
-def test_text_example_runs_after_its_convert_command(tmp_path: Path, sources: Path,
+def test_text_example_runs_after_its_convert_command(tmp_path: Path, py_sources: Path,
                                                      monkeypatch: pytest.MonkeyPatch,
                                                      capsys: pytest.CaptureFixture) -> None:
     """examples/text.yaml as written (a small source folder and few steps instead of the whole
@@ -76,7 +64,7 @@ def test_text_example_runs_after_its_convert_command(tmp_path: Path, sources: Pa
     convert = next(line for line in header.splitlines() if "gpuloader convert" in line)
     assert "--glob '*.py' --max-length 512" in convert and "stdlib_text.bin" in convert
     monkeypatch.chdir(tmp_path)
-    code, out, _ = run(capsys, "convert", str(sources), "stdlib_text.bin", "--glob", "*.py",
+    code, out, _ = run(capsys, "convert", str(py_sources), "stdlib_text.bin", "--glob", "*.py",
                        "--max-length", "512")
     assert code == 0
     code, out, err = run(capsys, "train", str(REPO / "examples" / "text.yaml"), "--quiet",

@@ -198,8 +198,7 @@ def bars(runs: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Any]:
     def ratio(a: float, b: float) -> float:
         return a / b if b else float("nan")  # nan: the file was too small to measure
 
-    epoch = {name: statistics.median(r["rows"] / (r["first_batch_s"] + r["seconds"])
-                                     for r in results)
+    epoch = {name: statistics.median(r["rows_per_s_from_start"] for r in results)
              for name, results in runs.items() if name.endswith("whole epoch")}
     ratios = {
         "shuffle rows only / raw pread ceiling": ratio(rate["gpuloader shuffle, rows only"],
@@ -248,11 +247,10 @@ def table(result: Dict[str, Any]) -> str:
              "|---|---|---|---|---|"]
     for name, med in result["median"].items():
         if "rows_per_s" in med and name != "3 cold epochs":
-            first = med.get("first_batch_s", float("nan"))
-            overall = med["rows"] / (first + med["seconds"]) if "rows" in med else float("nan")
             lines.append(f"| {name} | {med['rows_per_s']:,.0f} | "
-                         f"{med['rows_per_s'] * ROW_BYTES / 1e6:,.0f} | {first:.3f} | "
-                         f"{overall:,.0f} |")
+                         f"{med['rows_per_s'] * ROW_BYTES / 1e6:,.0f} | "
+                         f"{med.get('first_batch_s', float('nan')):.3f} | "
+                         f"{med.get('rows_per_s_from_start', float('nan')):,.0f} |")
     drop = result["drop_check"]
     lines += ["", f"cache drop check: cold {drop['cold_gb_per_s']:.2f} GB/s, warm "
               f"{drop['warm_gb_per_s']:.2f} GB/s (x{drop['warm_over_cold']:.1f})", "",

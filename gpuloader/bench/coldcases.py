@@ -62,7 +62,8 @@ def _timed(batches: Iterator[int], seconds: Optional[float]) -> Dict[str, float]
             break
     elapsed = time.perf_counter() - t0
     return {"first_batch_s": t0 - started, "rows": rows + first,
-            "rows_per_s": rows / elapsed if elapsed > 0 else 0.0, "seconds": elapsed}
+            "rows_per_s": rows / elapsed if elapsed > 0 else 0.0, "seconds": elapsed,
+            "rows_per_s_from_start": (rows + first) / (time.perf_counter() - started)}
 
 
 def _batches_of(loader: Any) -> Iterator[int]:
@@ -175,7 +176,7 @@ def gpuloader_case(spec: Dict[str, Any]) -> Dict[str, float]:
 
     fit = pread.FIT_FRACTION
     if not spec.get("read_around", True):
-        pread.FIT_FRACTION = 0.0  # (restored: tests run cases in their own process)
+        pread.FIT_FRACTION = 0.0  # restored below: tests run cases in the test process
     ds = gl.open_dataset(spec["path"], **spec.get("open", {}))
     try:
         with gl.DataLoader(ds, batch_size=spec["batch"], order=spec["order"],

@@ -29,7 +29,8 @@ needed within the epoch.  For such a file each missing row is read with its alig
 :data:`READ_AROUND` block (a ``POSIX_FADV_WILLNEED`` of the block, then the row's ``preadv``,
 which waits only for its own pages), so a cold shuffled epoch reads the file in large requests,
 32 at a time, and its rows turn warm within seconds.  A memory map does the same on each page
-fault (~128 KB read around the faulting row), one fault at a time per process.  A file larger
+fault (the device's readahead size around the faulting row: 128 KB by default, 8 MB on the
+development VM), one fault at a time per process.  A file larger
 than that is read row by row: blocks around its rows would evict each other before the epoch
 came back for their neighbours.
 """
